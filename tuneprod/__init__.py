@@ -1,0 +1,5 @@
+"""tuneprod: hyperparameter search for product-image classifiers (Ray Tune + Optuna TPE + ASHA)."""
+from tuneprod.api import demo_data, predict, retrain, search
+
+__all__ = ["search", "retrain", "predict", "demo_data"]
+__version__ = "0.1.0"

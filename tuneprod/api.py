@@ -1,0 +1,73 @@
+"""The Python API: the same verbs as the command line. Heavy modules (Ray, torch) load on first use."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable, Optional, Union
+
+PathLike = Union[str, Path]
+
+
+def data_overrides(data: Optional[PathLike], test: Optional[PathLike]) -> dict:
+    """`data` replaces the spec's images: a folder with train/ (and test/) inside, or the training folder or
+    manifest itself. The spec's test images belong to its own data, so they go unless `test` names new ones."""
+    overrides = {}
+    if data is not None:
+        data = Path(data)
+        nested = data / "train"
+        overrides = {"data.train": str(nested if nested.is_dir() else data), "data.demo": None,
+                     "data.test": str(data / "test") if nested.is_dir() and (data / "test").is_dir() else None}
+    if test is not None:
+        overrides["data.test"] = str(test)
+    return overrides
+
+
+def search(space: PathLike, *, data: Optional[PathLike] = None, test: Optional[PathLike] = None,
+           num_samples: Optional[int] = None, name: Optional[str] = None, storage: Optional[PathLike] = None,
+           address: Optional[str] = None, retrain: bool = True, progress: Callable[[str], None] = print):
+    """Runs the search a space file describes, then (unless retrain=False) retrains the best configuration on all
+    labelled data and predicts the test images. Returns the SearchOutcome."""
+    from tuneprod.retrain import predict_test, retrain as retrain_best
+    from tuneprod.search import run_search
+    from tuneprod.spec import UserError, load_spec
+
+    overrides = data_overrides(data, test)
+    for key, value in (("search.num_samples", num_samples), ("name", name), ("storage", storage)):
+        if value is not None:
+            overrides[key] = str(value) if key == "storage" else value
+    spec = load_spec(space, overrides)
+    outcome = run_search(spec, address=address, progress=progress)
+    if outcome.best_value is None:
+        raise UserError(f"every trial failed; see the error column of {outcome.experiment_dir / 'trials.csv'}")
+    if retrain and spec.retrain.enabled:
+        retrain_best(outcome.experiment_dir, progress=progress)
+        predict_test(outcome.experiment_dir, progress=progress)
+    return outcome
+
+
+def retrain(experiment: PathLike, progress: Callable[[str], None] = print) -> Path:
+    """Retrains an experiment's best configuration on all labelled data into <experiment>/final (and predicts
+    the spec's test images, if any). Returns the model folder."""
+    from tuneprod.retrain import predict_test, retrain as retrain_best
+
+    folder = retrain_best(Path(experiment), progress=progress)
+    predict_test(Path(experiment), progress=progress)
+    return folder
+
+
+def predict(model: PathLike, images: PathLike, out: PathLike = "predictions.csv", tta: Optional[bool] = None,
+            batch_size: int = 64, progress: Callable[[str], None] = print):
+    """Writes file,label,confidence and the top 5 for every image in a folder. Returns a PredictionReport."""
+    from tuneprod.predict import predict as run_predict
+
+    return run_predict(Path(model), Path(images), Path(out), tta=tta, batch_size=batch_size, progress=progress)
+
+
+def demo_data(out_dir: PathLike, **options) -> dict:
+    """Generates the synthetic product set (see tuneprod.demo.generate_demo for the options)."""
+    from tuneprod.demo import generate_demo
+    from tuneprod.spec import UserError
+
+    try:
+        return generate_demo(Path(out_dir), **options)
+    except (ValueError, FileExistsError) as exc:
+        raise UserError(str(exc)) from None

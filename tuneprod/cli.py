@@ -1,0 +1,96 @@
+"""`tuneprod` on the command line: thin subcommands over tuneprod.api. A user error prints one line on stderr
+and exits with status 2."""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Optional
+
+from tuneprod import api
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="tuneprod", description=__doc__.split("\n")[0])
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    search = commands.add_parser("search", help="search a space, retrain the best configuration, predict the test set",
+                                 description="Runs the trials a search-space YAML describes (Ray Tune, Optuna, ASHA), "
+                                             "writes trials.parquet/.csv and best_config.yaml, then retrains the best "
+                                             "configuration on all labelled data into <experiment>/final and writes "
+                                             "<experiment>/predictions.csv when data.test is set.")
+    search.add_argument("space", type=Path, help="search-space YAML, e.g. search_spaces/demo.yaml")
+    search.add_argument("--data", type=Path, help="images to use instead of the YAML's: a class-per-folder tree, a "
+                                                  "path,label CSV/Parquet manifest, or a folder holding train/ and test/")
+    search.add_argument("--test", type=Path, help="unlabelled images to predict at the end (replaces data.test)")
+    search.add_argument("--num-samples", type=int, help="number of trials (replaces search.num_samples)")
+    search.add_argument("--name", help="experiment name (default: the YAML's name or file stem)")
+    search.add_argument("--storage", type=Path, help="where experiments go (default: ./tuneprod_runs)")
+    search.add_argument("--address", help="Ray cluster to join, e.g. auto (default: start Ray on this machine)")
+    search.add_argument("--no-retrain", action="store_true", help="stop after the search")
+
+    retrain = commands.add_parser("retrain", help="retrain an experiment's best configuration on all labelled data",
+                                  description="Retrains the best trial's configuration on train + validation images "
+                                              "into <experiment>/final, and predicts data.test when it is set.")
+    retrain.add_argument("experiment", type=Path, help="experiment folder, e.g. tuneprod_runs/demo")
+
+    predict = commands.add_parser("predict", help="predict labels for a folder of images",
+                                  description="Writes file,label,confidence,top5_labels,top5_confidences; prints the "
+                                              "accuracy when a test_labels.csv (file,label) sits beside the images.")
+    predict.add_argument("model", type=Path, help="model folder, e.g. tuneprod_runs/demo/final")
+    predict.add_argument("images", type=Path, help="folder of images (searched recursively) or one image")
+    predict.add_argument("--out", type=Path, default=Path("predictions.csv"), help="CSV to write (default: %(default)s)")
+    predict.add_argument("--tta", action=argparse.BooleanOptionalAction, default=None,
+                         help="average with the horizontally flipped image (default: as the model was saved)")
+    predict.add_argument("--batch-size", type=int, default=64, help="default: %(default)s")
+
+    demo = commands.add_parser("demo-data", help="generate the synthetic product image set",
+                               description="Writes DIR/train/<class>/*.png (views from 0 and 30 degrees elevation) and "
+                                           "DIR/test/*.png (0, 30 and 60 degrees) with DIR/test/test_labels.csv.")
+    demo.add_argument("out_dir", type=Path, metavar="DIR")
+    demo.add_argument("--classes", type=int, default=10, help="default: %(default)s")
+    demo.add_argument("--train-per-class", type=int, default=16, help="default: %(default)s")
+    demo.add_argument("--test-per-class", type=int, default=12, help="default: %(default)s")
+    demo.add_argument("--size", type=int, default=64, help="image side in pixels (default: %(default)s)")
+    demo.add_argument("--seed", type=int, default=0, help="default: %(default)s")
+    return parser
+
+
+def _run(args: argparse.Namespace) -> None:
+    if args.command == "search":
+        outcome = api.search(args.space, data=args.data, test=args.test, num_samples=args.num_samples,
+                             name=args.name, storage=args.storage, address=args.address,
+                             retrain=not args.no_retrain)
+        print(f"tuneprod: done; results in {outcome.experiment_dir} (trials.csv, best_config.yaml, final/). "
+              f"TensorBoard: tensorboard --logdir {outcome.experiment_dir}")
+    elif args.command == "retrain":
+        api.retrain(args.experiment)
+    elif args.command == "predict":
+        report = api.predict(args.model, args.images, args.out, tta=args.tta, batch_size=args.batch_size)
+        print(f"predict: {report.images} predictions written to {report.out}")
+        if report.accuracy is not None:
+            print(f"predict: accuracy {report.accuracy:.4f} against test_labels.csv")
+    else:
+        summary = api.demo_data(args.out_dir, classes=args.classes, train_per_class=args.train_per_class,
+                                test_per_class=args.test_per_class, size=args.size, seed=args.seed)
+        print(f"demo-data: {summary['classes']} classes, {summary['train_images']} training and "
+              f"{summary['test_images']} test images in {summary['path']}")
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    from tuneprod.spec import UserError
+
+    args = _parser().parse_args(argv)
+    try:
+        _run(args)
+    except UserError as exc:
+        print(f"tuneprod {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"tuneprod {args.command}: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,161 @@
+"""One training run in plain torch: a trial and the final retrain both use it; it knows nothing of Ray."""
+from __future__ import annotations
+
+import math
+import time
+from typing import Iterator, Optional
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from tuneprod.augment import eval_transform, mix_batch, train_transform
+from tuneprod.data import ImageDataset, ImageSet
+from tuneprod.models import create_model, preprocessing
+from tuneprod.spec import Hyperparams, TrialConfig
+
+
+class NonFiniteLoss(RuntimeError):
+    """The loss became NaN or infinite: the trial is recorded as failed and the search goes on."""
+
+
+def lr_factor(schedule: str, progress: float, horizon: float, warmup: float) -> float:
+    """The learning-rate multiplier after `progress` epochs (fractional) of a run lasting `horizon` epochs.
+
+    Linear warmup over `warmup` epochs, then cosine to 0, step (x0.1 at 50% and 75%), exponential (to 1%) or
+    constant over the rest.
+    """
+    if warmup > 0 and progress < warmup:
+        return progress / warmup
+    t = min(max((progress - warmup) / max(horizon - warmup, 1e-9), 0.0), 1.0)
+    if schedule == "cosine":
+        return 0.5 * (1 + math.cos(math.pi * t))
+    if schedule == "step":
+        return 0.1 ** ((t >= 0.5) + (t >= 0.75))
+    if schedule == "exponential":
+        return 0.01 ** t
+    return 1.0
+
+
+def build_optimizer(model: torch.nn.Module, hp: Hyperparams) -> torch.optim.Optimizer:
+    params = model.parameters()
+    if hp.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=hp.lr, momentum=hp.momentum, nesterov=hp.nesterov and hp.momentum > 0,
+                               weight_decay=hp.weight_decay)
+    optimizer_class = torch.optim.AdamW if hp.optimizer == "adamw" else torch.optim.Adam
+    return optimizer_class(params, lr=hp.lr, weight_decay=hp.weight_decay)
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def predict_logits(model: torch.nn.Module, loader, device: torch.device, tta: bool = False) -> Iterator:
+    """Yields (logits, labels) per batch; with tta, logits average the image and its horizontal mirror."""
+    model.eval()
+    with torch.inference_mode(), _autocast(device):
+        for images, labels in loader:
+            images = _to_device(images, device)
+            logits = model(images).float()
+            if tta:
+                logits = (logits + model(torch.flip(images, dims=[3])).float()) / 2
+            yield logits, labels
+
+
+def _autocast(device: torch.device):
+    # bf16 needs no loss scaling; on CPU, autocast would slow the tiny models tests use, so it stays fp32.
+    return torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
+
+
+def _to_device(images: torch.Tensor, device: torch.device) -> torch.Tensor:
+    images = images.to(device, non_blocking=True)
+    return images.contiguous(memory_format=torch.channels_last) if device.type == "cuda" else images
+
+
+class TrainingRun:
+    """A model, its optimizer and data, advanced one epoch at a time (`step`) for `config.epochs` epochs."""
+
+    def __init__(self, config: TrialConfig, classes: tuple[str, ...], train: ImageSet,
+                 val: Optional[ImageSet] = None, device: Optional[torch.device] = None):
+        torch.manual_seed(config.seed)
+        self.config, self.classes = config, classes
+        self.device = device or default_device()
+        hp = config.hp
+        self.model = create_model(hp.backbone, len(classes), hp.pretrained, hp.dropout, config.image_size)
+        self.preprocessing = {"image_size": config.image_size, **preprocessing(self.model)}
+        self.model.to(self.device)
+        if self.device.type == "cuda":
+            self.model.to(memory_format=torch.channels_last)
+        mean, std = self.preprocessing["mean"], self.preprocessing["std"]
+        self.batch_size = min(hp.batch_size, len(train))
+        self.train_loader = self._loader(ImageDataset(train, train_transform(hp.augment, config.image_size, mean, std)),
+                                         shuffle=True)
+        self.val_loader = None if val is None else self._loader(
+            ImageDataset(val, eval_transform(config.image_size, mean, std)), shuffle=False)
+        self.optimizer = build_optimizer(self.model, hp)
+        steps_per_epoch = len(self.train_loader)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer,
+            lambda step: lr_factor(hp.lr_schedule, (step + 1) / steps_per_epoch, config.epochs, hp.warmup_epochs))
+        self.mix_rng = np.random.default_rng(config.seed)
+        self.epoch = 0
+
+    def _loader(self, dataset: ImageDataset, shuffle: bool) -> torch.utils.data.DataLoader:
+        workers = self.config.workers
+        return torch.utils.data.DataLoader(
+            dataset, batch_size=self.batch_size if shuffle else self.batch_size * 2, shuffle=shuffle,
+            # Dropping the ragged last batch keeps BatchNorm away from a batch of one.
+            drop_last=shuffle, num_workers=workers, persistent_workers=workers > 0,
+            pin_memory=self.device.type == "cuda", generator=torch.Generator().manual_seed(self.config.seed))
+
+    def step(self) -> dict:
+        """Trains one epoch, then evaluates on the validation set when there is one."""
+        metrics = self.train_epoch()
+        if self.val_loader is not None:
+            metrics.update(self.evaluate())
+        self.epoch += 1
+        return {"epoch": self.epoch, **metrics}
+
+    def train_epoch(self) -> dict:
+        hp, model = self.config.hp, self.model
+        model.train()
+        total_loss, seen, started = 0.0, 0, time.perf_counter()
+        for images, labels in self.train_loader:
+            images, labels = _to_device(images, self.device), labels.to(self.device, non_blocking=True)
+            images, targets = mix_batch(images, labels, len(self.classes), hp.mixup_alpha, hp.cutmix_alpha,
+                                        hp.mix_prob, self.mix_rng)
+            with _autocast(self.device):
+                loss = F.cross_entropy(model(images).float(), targets, label_smoothing=hp.label_smoothing)
+            if not torch.isfinite(loss):
+                raise NonFiniteLoss(f"the training loss became {loss.item()} at epoch {self.epoch + 1} "
+                                    f"(lr {self.optimizer.param_groups[0]['lr']:.3g}); a lower lr usually helps")
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            self.optimizer.step()
+            self.scheduler.step()
+            total_loss += loss.item() * len(images)
+            seen += len(images)
+        elapsed = time.perf_counter() - started
+        return {"train_loss": total_loss / max(seen, 1), "lr": self.optimizer.param_groups[0]["lr"],
+                "images_per_s": seen / elapsed if elapsed > 0 else 0.0}
+
+    def evaluate(self) -> dict:
+        total_loss, correct, seen = 0.0, 0, 0
+        for logits, labels in predict_logits(self.model, self.val_loader, self.device):
+            labels = labels.to(self.device)
+            total_loss += F.cross_entropy(logits, labels, reduction="sum").item()
+            correct += (logits.argmax(1) == labels).sum().item()
+            seen += len(labels)
+        return {"val_loss": total_loss / seen, "val_acc": correct / seen}
+
+    def state_dict(self) -> dict:
+        return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict(), "epoch": self.epoch,
+                "mix_rng": self.mix_rng.bit_generator.state}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.epoch = state["epoch"]
+        self.mix_rng.bit_generator.state = state["mix_rng"]

@@ -1,0 +1,127 @@
+"""The results table (one row per trial) and the best configuration, from what the trials reported."""
+from __future__ import annotations
+
+import math
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import pandas as pd
+import yaml
+
+from tuneprod.spec import PARAMS
+
+TRIALS_PARQUET = "trials.parquet"
+TRIALS_CSV = "trials.csv"
+BEST_CONFIG = "best_config.yaml"
+
+
+@dataclass
+class TrialRecord:
+    """One trial as the table needs it: its sampled parameters, per-epoch reports and error, if any."""
+
+    trial_id: str
+    params: dict
+    history: list[dict] = field(default_factory=list)
+    error: Optional[str] = None
+
+
+def records_from_grid(grid, param_names: list[str]) -> list[TrialRecord]:
+    """Reads a Ray ResultGrid; errored trials that never reported still get a row."""
+    records = []
+    for result in grid:
+        history = [] if result.metrics_dataframe is None else result.metrics_dataframe.to_dict("records")
+        trial_id = (result.metrics or {}).get("trial_id") or _trial_id_from_path(result.path)
+        params = {k: v for k, v in (result.config or {}).items() if k in param_names}
+        error = None if result.error is None else _first_line(result.error)
+        records.append(TrialRecord(trial_id, params, history, error))
+    return records
+
+
+def _trial_id_from_path(path: str) -> str:
+    match = re.search(r"_([0-9a-f]{5}_\d{5})", os.path.basename(str(path)))
+    return match.group(1) if match else os.path.basename(str(path))
+
+
+def _first_line(error: BaseException) -> str:
+    """The root cause's message: Ray wraps the trial's exception in its own."""
+    cause = getattr(error, "cause", None) or error
+    text = f"{type(cause).__name__}: {cause}".strip()
+    lines = [line for line in text.splitlines() if line.strip()]
+    return lines[-1] if lines else type(cause).__name__
+
+
+def trials_table(records: list[TrialRecord], param_names: list[str], metric: str, mode: str,
+                 max_epochs: int) -> pd.DataFrame:
+    """One row per trial, best first: parameters, best metrics and the epoch they peaked, and how it ended."""
+    rows = [_row(record, param_names, metric, mode, max_epochs) for record in records]
+    columns = (["trial_id", "status"] + param_names +
+               ["val_acc", "val_loss", "best_epoch", "epochs_run", "stopped_early", "wall_time_s", "images_per_s",
+                "error"])
+    table = pd.DataFrame(rows, columns=columns)
+    return table.sort_values(metric, ascending=mode == "min", na_position="last", kind="stable").reset_index(drop=True)
+
+
+def _row(record: TrialRecord, param_names: list[str], metric: str, mode: str, max_epochs: int) -> dict:
+    epochs = [h for h in record.history if _finite(h.get(metric))]
+    best = (max if mode == "max" else min)(epochs, key=lambda h: h[metric]) if epochs else {}
+    last = record.history[-1] if record.history else {}
+    speeds = [h["images_per_s"] for h in record.history if _finite(h.get("images_per_s"))]
+    epochs_run = int(last.get("epoch", len(record.history)))
+    return {
+        "trial_id": record.trial_id,
+        "status": "ERROR" if record.error else "TERMINATED",
+        **{name: record.params.get(name) for name in param_names},
+        "val_acc": max((h["val_acc"] for h in record.history if _finite(h.get("val_acc"))), default=None),
+        "val_loss": min((h["val_loss"] for h in record.history if _finite(h.get("val_loss"))), default=None),
+        "best_epoch": int(best["epoch"]) if best else None,
+        "epochs_run": epochs_run,
+        # ASHA's stop is the only way a healthy trial ends before max_epochs (or the search's time budget).
+        "stopped_early": record.error is None and epochs_run < max_epochs,
+        "wall_time_s": last.get("time_total_s"),
+        "images_per_s": sum(speeds) / len(speeds) if speeds else None,
+        "error": record.error,
+    }
+
+
+def _finite(value) -> bool:
+    return isinstance(value, (int, float)) and math.isfinite(value)
+
+
+def best_row(table: pd.DataFrame, metric: str) -> pd.Series:
+    """The table is sorted best first; a trial that never reported the metric cannot be best."""
+    usable = table[table[metric].notna()]
+    if usable.empty:
+        raise ValueError("no trial reported a result: every trial failed; see the error column of trials.csv")
+    return usable.iloc[0]
+
+
+def params_of(row: pd.Series, param_names: list[str]) -> dict:
+    """The trial's active parameters with their declared types (parquet stores an int column with gaps as float)."""
+    params = {}
+    for name in param_names:
+        value = row.get(name)
+        if value is None or (isinstance(value, float) and math.isnan(value)):
+            continue  # a conditional parameter that was not active in this trial
+        value = value.item() if hasattr(value, "item") else value  # numpy scalar -> Python
+        kind = PARAMS[name].kind
+        params[name] = kind(value) if kind in (int, float) else value
+    return params
+
+
+def write_results(experiment_dir: Path, table: pd.DataFrame, param_names: list[str], metric: str) -> None:
+    table.to_parquet(experiment_dir / TRIALS_PARQUET, index=False)
+    table.to_csv(experiment_dir / TRIALS_CSV, index=False)
+    try:
+        best = best_row(table, metric)
+    except ValueError:
+        return
+    header = (f"# Best trial {best['trial_id']}: {metric} {best[metric]:.4f} at epoch {best['best_epoch']} "
+              f"of {best['epochs_run']}.\n# Usable as an entry of search.start_from.\n")
+    (experiment_dir / BEST_CONFIG).write_text(header + yaml.safe_dump(params_of(best, param_names), sort_keys=False))
+
+
+def read_table(experiment_dir: Path) -> pd.DataFrame:
+    return pd.read_parquet(experiment_dir / TRIALS_PARQUET)

@@ -1,0 +1,121 @@
+"""The search: data checked once, then Ray Tune with Optuna (TPE or random) and ASHA (or FIFO) over the space,
+then the results table, the retrain on all labelled data and the test predictions."""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Optional
+
+import ray
+from ray import tune
+from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+from ray.tune.search.optuna import OptunaSearch
+
+from tuneprod import results
+from tuneprod.data import check_test_images, labelled_images, stratified_split
+from tuneprod.space import DefineByRun, sampler
+from tuneprod.spec import EXPERIMENT_SPEC, Spec
+from tuneprod.trainable import TrialData, train_trial
+
+@dataclass(frozen=True)
+class SearchOutcome:
+    experiment_dir: Path
+    trials: int
+    failed: int
+    stopped_early: int
+    best_value: Optional[float]
+
+
+def free_experiment_dir(spec: Spec) -> Spec:
+    """Never mixes two searches in one folder: a taken name gets a numeric suffix."""
+    candidate, n = spec, 1
+    while (candidate.experiment_dir / EXPERIMENT_SPEC).exists():
+        n += 1
+        candidate = spec.renamed(f"{spec.name}_{n}")
+    return candidate
+
+
+def run_search(spec: Spec, address: Optional[str] = None,
+               progress: Callable[[str], None] = print) -> SearchOutcome:
+    labelled = labelled_images(spec)
+    check_test_images(spec)
+    train, val = stratified_split(labelled, spec.data.val_fraction, spec.search.seed)
+    spec = free_experiment_dir(spec)
+    experiment_dir = spec.experiment_dir
+    experiment_dir.mkdir(parents=True, exist_ok=True)
+    spec.save(experiment_dir / EXPERIMENT_SPEC)
+    progress(f"tuneprod: {len(labelled.classes)} classes, {len(train)} training and {len(val)} validation images")
+    progress(f"tuneprod: results go to {experiment_dir}")
+
+    _start_ray(address, progress)
+    resources = trial_resources(spec, ray.cluster_resources().get("GPU", 0))
+    data = TrialData(train=train, val=val, image_size=spec.data.image_size,
+                     max_epochs=spec.search.scheduler.max_epochs, seed=spec.search.seed,
+                     workers=spec.dataloader_workers)
+    tuner = tune.Tuner(
+        tune.with_resources(tune.with_parameters(train_trial, data=data), resources),
+        tune_config=tune.TuneConfig(search_alg=_searcher(spec), scheduler=_scheduler(spec),
+                                    num_samples=spec.search.num_samples,
+                                    max_concurrent_trials=spec.search.max_concurrent_trials,
+                                    time_budget_s=spec.search.time_budget_s,
+                                    trial_dirname_creator=lambda trial: f"trial_{trial.trial_id}"),
+        run_config=tune.RunConfig(
+            name=spec.name, storage_path=str(spec.storage),
+            checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
+            failure_config=tune.FailureConfig(max_failures=0), verbose=1),
+    )
+    grid = tuner.fit()
+    return summarise(spec, grid, progress)
+
+
+def summarise(spec: Spec, grid, progress: Callable[[str], None]) -> SearchOutcome:
+    names = spec.space.names()
+    metric, mode = spec.search.metric, spec.search.direction
+    table = results.trials_table(results.records_from_grid(grid, names), names, metric, mode,
+                                 spec.search.scheduler.max_epochs)
+    results.write_results(spec.experiment_dir, table, names, metric)
+    failed = int((table["status"] == "ERROR").sum())
+    stopped = int(table["stopped_early"].sum())
+    best = table[metric].dropna()
+    progress(f"tuneprod: {len(table)} trials: {len(table) - failed - stopped} ran to the end, {stopped} stopped "
+             f"early by the scheduler, {failed} failed")
+    if not best.empty:
+        progress(f"tuneprod: best {metric} {best.iloc[0]:.4f}; configuration in "
+                 f"{spec.experiment_dir / results.BEST_CONFIG}")
+    return SearchOutcome(spec.experiment_dir, len(table), failed, stopped,
+                         None if best.empty else float(best.iloc[0]))
+
+
+def _start_ray(address: Optional[str], progress: Callable[[str], None]) -> None:
+    if ray.is_initialized():
+        return
+    context = ray.init(address=address, logging_level=logging.WARNING)
+    if context.dashboard_url:
+        progress(f"tuneprod: Ray dashboard at http://{context.dashboard_url}")
+
+
+def trial_resources(spec: Spec, cluster_gpus: float) -> dict:
+    """`auto` gives each trial a whole GPU when the cluster has any, else none."""
+    gpus = spec.resources.gpus_per_trial
+    if gpus == "auto":
+        gpus = 1 if cluster_gpus >= 1 else 0
+    return {"cpu": spec.resources.cpus_per_trial, "gpu": gpus}
+
+
+def _searcher(spec: Spec) -> OptunaSearch:
+    options = spec.search.searcher
+    return OptunaSearch(space=DefineByRun(spec.space), metric=spec.search.metric, mode=spec.search.direction,
+                        sampler=sampler(options.type, spec.search.seed, options.n_startup_trials,
+                                        options.multivariate),
+                        points_to_evaluate=[dict(point) for point in spec.search.start_from] or None)
+
+
+def _scheduler(spec: Spec):
+    options = spec.search.scheduler
+    if options.type == "fifo":
+        return FIFOScheduler()
+    # time_attr counts reports, and a trial reports once per epoch: ASHA's rungs are in epochs.
+    return ASHAScheduler(time_attr="training_iteration", metric=spec.search.metric, mode=spec.search.direction,
+                         max_t=options.max_epochs, grace_period=options.grace_period,
+                         reduction_factor=options.reduction_factor)

@@ -1,0 +1,476 @@
+"""The search-space YAML: schema, loading and validation, done once at the edge.
+
+Every problem is reported as one line, "FILE: FIELD: the value is V, but must be ...", and raised as
+SpecError. Unknown keys are errors. Paths are resolved against the current directory at load time, so Ray
+workers (which run elsewhere) see absolute paths.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import math
+import operator
+import re
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any, Literal, Optional, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+
+class UserError(Exception):
+    """A problem with the user's input: the CLI prints it as one line and exits with status 2."""
+
+
+class SpecError(UserError):
+    pass
+
+
+AUGMENT_POLICIES = ("none", "light", "medium", "heavy", "viewpoint")
+OPTIMIZERS = ("adamw", "adam", "sgd")
+LR_SCHEDULES = ("cosine", "step", "exponential", "constant")
+DISTRIBUTIONS = ("choice", "uniform", "loguniform", "int")
+EXPERIMENT_SPEC = "search_space.yaml"  # the validated spec as a search ran it, kept in its experiment folder
+
+
+@dataclass(frozen=True)
+class Hyperparams:
+    """What one trial trains with: every searchable parameter, with the default used when the space omits it."""
+
+    backbone: str = "resnet18"
+    pretrained: bool = False
+    augment: str = "light"
+    optimizer: str = "adamw"
+    lr: float = 1e-3
+    lr_schedule: str = "cosine"
+    warmup_epochs: float = 0.0
+    weight_decay: float = 0.0
+    momentum: float = 0.9
+    nesterov: bool = False
+    batch_size: int = 32
+    dropout: float = 0.0
+    label_smoothing: float = 0.0
+    mixup_alpha: float = 0.0
+    cutmix_alpha: float = 0.0
+    mix_prob: float = 1.0
+
+    @classmethod
+    def from_params(cls, params: dict) -> "Hyperparams":
+        """Builds from a trial's parameters; keys that are not hyperparameters (Ray's extras) are ignored."""
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in params.items() if k in known})
+
+
+@dataclass(frozen=True)
+class TrialConfig:
+    """Everything a training run needs: hyperparameters plus settings that come from the spec, not the search."""
+
+    hp: Hyperparams
+    image_size: int
+    epochs: int  # the lr schedule's horizon and the number of epochs run
+    seed: int = 0
+    workers: int = 0
+
+
+@dataclass(frozen=True)
+class Param:
+    """The values one hyperparameter may take."""
+
+    kind: type
+    choices: tuple = ()
+    gt: Optional[float] = None
+    ge: Optional[float] = None
+    lt: Optional[float] = None
+    le: Optional[float] = None
+
+    def problem(self, value: Any) -> Optional[str]:
+        """What the value must be, or None when it is allowed."""
+        if self.kind is bool:
+            return None if isinstance(value, bool) else "true or false"
+        if self.kind is str:
+            if not isinstance(value, str):
+                return "a string"
+            return None if not self.choices or value in self.choices else f"one of {', '.join(self.choices)}"
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            return "an integer" if self.kind is int else "a number"
+        if self.kind is int and value != int(value):
+            return "an integer"
+        if not math.isfinite(value):
+            return "a finite number"
+        bounds = [(self.gt, ">", operator.gt), (self.ge, ">=", operator.ge),
+                  (self.lt, "<", operator.lt), (self.le, "<=", operator.le)]
+        failed = [f"{symbol} {bound:g}" for bound, symbol, holds in bounds
+                  if bound is not None and not holds(value, bound)]
+        return " and ".join(failed) or None
+
+
+PARAMS: dict[str, Param] = {
+    "backbone": Param(str),
+    "pretrained": Param(bool),
+    "augment": Param(str, choices=AUGMENT_POLICIES),
+    "optimizer": Param(str, choices=OPTIMIZERS),
+    "lr": Param(float, gt=0, le=10),
+    "lr_schedule": Param(str, choices=LR_SCHEDULES),
+    "warmup_epochs": Param(float, ge=0),
+    "weight_decay": Param(float, ge=0),
+    "momentum": Param(float, ge=0, lt=1),
+    "nesterov": Param(bool),
+    "batch_size": Param(int, ge=1),
+    "dropout": Param(float, ge=0, lt=1),
+    "label_smoothing": Param(float, ge=0, lt=1),
+    "mixup_alpha": Param(float, ge=0),
+    "cutmix_alpha": Param(float, ge=0),
+    "mix_prob": Param(float, ge=0, le=1),
+}
+
+
+def timm_model_problem(name: str) -> Optional[str]:
+    """Checks a backbone against timm's registry (imported lazily: it pulls in torch)."""
+    import timm
+
+    if timm.is_model(name):
+        return None
+    close = difflib.get_close_matches(name, timm.list_models(), n=3)
+    hint = f" (did you mean {', '.join(close)}?)" if close else ""
+    return f"a timm model name, see timm.list_models(){hint}"
+
+
+# ---------------------------------------------------------------------------------------------- schema
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class DataSpec(_Strict):
+    train: Optional[Path] = None
+    test: Optional[Path] = None
+    demo: Optional[Path] = None
+    val_fraction: float = Field(0.2, gt=0, lt=1)
+    image_size: int = Field(224, ge=16, le=2048)
+    workers: Optional[int] = Field(None, ge=0)
+
+    @model_validator(mode="after")
+    def _train_or_demo(self):
+        if self.train is None and self.demo is None:
+            raise ValueError("data.train: missing, but must be an image folder or a CSV/Parquet manifest "
+                             "(or set data.demo to a folder for the built-in demo set)")
+        return self
+
+    @property
+    def train_path(self) -> Path:
+        return self.train if self.train is not None else self.demo / "train"
+
+    @property
+    def test_path(self) -> Optional[Path]:
+        if self.test is not None or self.demo is None or self.train is not None:
+            return self.test
+        return self.demo / "test"
+
+
+class SearcherSpec(_Strict):
+    type: Literal["optuna", "random"] = "optuna"
+    n_startup_trials: int = Field(8, ge=0)
+    multivariate: bool = True
+
+
+class SchedulerSpec(_Strict):
+    type: Literal["asha", "fifo"] = "asha"
+    max_epochs: int = Field(10, ge=1)
+    grace_period: int = Field(1, ge=1)
+    reduction_factor: float = Field(3.0, gt=1)
+
+    @model_validator(mode="after")
+    def _grace_within_max(self):
+        if self.grace_period > self.max_epochs:
+            raise ValueError(f"search.scheduler.grace_period: the value is {self.grace_period}, "
+                             f"but must be <= search.scheduler.max_epochs ({self.max_epochs})")
+        return self
+
+
+class SearchSpec(_Strict):
+    metric: Literal["val_acc", "val_loss"] = "val_acc"
+    mode: Optional[Literal["max", "min"]] = None
+    num_samples: int = Field(16, ge=1)
+    max_concurrent_trials: Optional[int] = Field(None, ge=1)
+    time_budget_s: Optional[float] = Field(None, gt=0)
+    seed: int = 0
+    searcher: SearcherSpec = SearcherSpec()
+    scheduler: SchedulerSpec = SchedulerSpec()
+    start_from: list[dict[str, Any]] = []
+
+    @property
+    def direction(self) -> str:
+        return self.mode or ("max" if self.metric == "val_acc" else "min")
+
+
+class ResourcesSpec(_Strict):
+    cpus_per_trial: float = Field(1.0, gt=0)
+    gpus_per_trial: Union[Literal["auto"], float] = "auto"
+
+    @field_validator("gpus_per_trial")
+    @classmethod
+    def _gpu_fraction(cls, value):
+        if value != "auto" and not (value >= 0 and (value <= 1 or value == int(value))):
+            raise ValueError("must be 'auto', a fraction in [0, 1] or a whole number of GPUs")
+        return value
+
+
+class RetrainSpec(_Strict):
+    enabled: bool = True
+    epochs: Union[Literal["auto"], int] = "auto"
+    tta: bool = True
+
+    @field_validator("epochs")
+    @classmethod
+    def _positive(cls, value):
+        if value != "auto" and value < 1:
+            raise ValueError("must be 'auto' or an integer >= 1")
+        return value
+
+
+@dataclass(frozen=True)
+class Dimension:
+    """A searched parameter: a distribution, optionally active only when earlier parameters match `when`."""
+
+    name: str
+    distribution: str  # one of DISTRIBUTIONS
+    values: tuple  # the choices, or (low, high)
+    log: bool = False
+    when: tuple = ()  # ((param, allowed values), ...)
+
+    def contains(self, value: Any) -> bool:
+        if self.distribution == "choice":
+            return value in self.values
+        low, high = self.values
+        return isinstance(value, (int, float)) and low <= value <= high
+
+
+@dataclass(frozen=True)
+class Space:
+    """The validated `space` section: searched dimensions (in file order) and fixed values."""
+
+    dimensions: tuple[Dimension, ...]
+    fixed: dict
+
+    def names(self) -> list[str]:
+        return [d.name for d in self.dimensions] + list(self.fixed)
+
+
+@dataclass(frozen=True)
+class Spec:
+    path: Path
+    data: DataSpec
+    search: SearchSpec
+    resources: ResourcesSpec
+    retrain: RetrainSpec
+    space: Space
+    name: str
+    storage: Path
+    document: dict  # the validated YAML with absolute paths: saved beside the results, reloaded by retrain
+
+    @property
+    def experiment_dir(self) -> Path:
+        return self.storage / self.name
+
+    def renamed(self, name: str) -> "Spec":
+        return dataclasses.replace(self, name=name, document={**self.document, "name": name})
+
+    @property
+    def dataloader_workers(self) -> int:
+        """One CPU of a trial runs the training loop; the rest decode and augment."""
+        if self.data.workers is not None:
+            return self.data.workers
+        return max(0, int(self.resources.cpus_per_trial) - 1)
+
+    def save(self, path: Path) -> None:
+        path.write_text(yaml.safe_dump(self.document, sort_keys=False))
+
+
+class _Document(_Strict):
+    data: DataSpec
+    search: SearchSpec = SearchSpec()
+    resources: ResourcesSpec = ResourcesSpec()
+    retrain: RetrainSpec = RetrainSpec()
+    space: dict[str, Any] = {}
+    name: Optional[str] = None
+    storage: Path = Path("tuneprod_runs")
+
+
+# ---------------------------------------------------------------------------------------------- loading
+class _YamlLoader(yaml.SafeLoader):
+    """PyYAML reads 1e-4 as a string (YAML 1.1); users write learning rates that way, so read it as a float."""
+
+
+_YamlLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+    list("-+0123456789"),
+)
+
+
+def load_spec(path: Union[str, Path], overrides: Optional[dict] = None) -> Spec:
+    """Reads and validates a search-space YAML. `overrides` maps dotted fields to values (CLI flags)."""
+    path = Path(path)
+    try:
+        raw = yaml.load(path.read_text(), Loader=_YamlLoader)
+    except FileNotFoundError:
+        raise SpecError(f"{path}: no such file; pass a search-space YAML such as search_spaces/demo.yaml") from None
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark else ""
+        raise SpecError(f"{path}: not valid YAML{where}: {getattr(exc, 'problem', exc)}") from None
+    if not isinstance(raw, dict):
+        raise SpecError(f"{path}: the file must hold a mapping with at least a `data` section")
+    for dotted, value in (overrides or {}).items():
+        _set_dotted(raw, dotted, value)
+    return spec_from_dict(raw, path)
+
+
+def spec_from_dict(raw: dict, path: Path) -> Spec:
+    try:
+        doc = _Document.model_validate(raw)
+    except ValidationError as exc:
+        raise SpecError(f"{path}: {_describe(exc)}") from None
+    try:
+        space = parse_space(doc.space)
+        check_start_points(doc.search.start_from, space)
+    except ValueError as exc:
+        raise SpecError(f"{path}: {exc}") from None
+    data = doc.data.model_copy(update={k: _absolute(getattr(doc.data, k)) for k in ("train", "test", "demo")})
+    name, storage = doc.name or path.stem, _absolute(doc.storage)
+    document = doc.model_copy(update={"data": data, "name": name, "storage": storage}).model_dump(
+        mode="json", exclude_none=True)
+    return Spec(path=path, data=data, search=doc.search, resources=doc.resources, retrain=doc.retrain,
+                space=space, name=name, storage=storage, document=document)
+
+
+def _absolute(path: Optional[Path]) -> Optional[Path]:
+    return None if path is None else path.expanduser().absolute()
+
+
+def _set_dotted(raw: dict, dotted: str, value: Any) -> None:
+    *parents, leaf = dotted.split(".")
+    node = raw
+    for key in parents:
+        node = node.setdefault(key, {})
+    node[leaf] = value
+
+
+def _describe(exc: ValidationError) -> str:
+    """The first pydantic error in the project's one-line form."""
+    err = exc.errors()[0]
+    loc = ".".join(str(part) for part in err["loc"])
+    kind, ctx, value = err["type"], err.get("ctx", {}), err.get("input")
+    if kind == "value_error" and str(ctx.get("error", "")).startswith(("data.", "search.")):
+        return str(ctx["error"])
+    if kind == "extra_forbidden":
+        return f"{loc}: unknown key; remove it or check its spelling"
+    if kind == "missing":
+        return f"{loc}: missing, but is required"
+    expectations = {
+        "greater_than": lambda: f"> {ctx.get('gt')}",
+        "greater_than_equal": lambda: f">= {ctx.get('ge')}",
+        "less_than": lambda: f"< {ctx.get('lt')}",
+        "less_than_equal": lambda: f"<= {ctx.get('le')}",
+        "literal_error": lambda: f"one of {ctx.get('expected')}",
+        "int_parsing": lambda: "an integer",
+        "int_from_float": lambda: "an integer",
+        "float_parsing": lambda: "a number",
+        "bool_parsing": lambda: "true or false",
+        "dict_type": lambda: "a mapping",
+        "model_type": lambda: "a mapping",
+        "list_type": lambda: "a list",
+        "path_type": lambda: "a path",
+        "value_error": lambda: str(ctx.get("error", err["msg"])),
+    }
+    expected = expectations.get(kind, lambda: err["msg"])()
+    return f"{loc}: the value is {value!r}, but must be {expected}"
+
+
+# ---------------------------------------------------------------------------------------------- space
+def parse_space(raw: dict) -> Space:
+    """Turns the `space` mapping into dimensions and fixed values; raises ValueError with the field named."""
+    dimensions, fixed = [], {}
+    for name, entry in raw.items():
+        field = f"space.{name}"
+        if name not in PARAMS:
+            close = difflib.get_close_matches(name, PARAMS, n=1)
+            hint = f" (did you mean {close[0]}?)" if close else f"; known: {', '.join(PARAMS)}"
+            raise ValueError(f"{field}: unknown parameter{hint}")
+        if isinstance(entry, dict):
+            dimension = _parse_dimension(name, entry, seen=[d.name for d in dimensions] + list(fixed))
+            for value in dimension.values:
+                _check_value(f"{field}.{dimension.distribution}", name, value)
+            dimensions.append(dimension)
+        else:
+            _check_value(field, name, entry)
+            fixed[name] = entry
+    return Space(tuple(dimensions), fixed)
+
+
+def _parse_dimension(name: str, entry: dict, seen: list[str]) -> Dimension:
+    field = f"space.{name}"
+    kinds = [key for key in entry if key in DISTRIBUTIONS]
+    unknown = [key for key in entry if key not in DISTRIBUTIONS and key not in ("when", "log")]
+    if unknown:
+        raise ValueError(f"{field}.{unknown[0]}: unknown key; use one of {', '.join(DISTRIBUTIONS)}, with optional log, when")
+    if len(kinds) != 1:
+        raise ValueError(f"{field}: the value is {entry!r}, but must hold exactly one of {', '.join(DISTRIBUTIONS)}")
+    kind = kinds[0]
+    values = entry[kind]
+    log = entry.get("log", kind == "loguniform")
+    if not isinstance(values, list) or not values:
+        raise ValueError(f"{field}.{kind}: the value is {values!r}, but must be a non-empty list")
+    if kind != "choice":
+        if len(values) != 2 or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values) \
+                or not values[0] < values[1]:
+            raise ValueError(f"{field}.{kind}: the value is {values!r}, but must be [low, high] numbers with low < high")
+        if log and values[0] <= 0:
+            raise ValueError(f"{field}.{kind}: the value is {values!r}, but must have low > 0 on a log scale")
+        if kind == "int" and not all(float(v).is_integer() for v in values):
+            raise ValueError(f"{field}.int: the value is {values!r}, but must be two integers")
+    if not isinstance(log, bool) or (log and kind == "choice"):
+        raise ValueError(f"{field}.log: the value is {log!r}, but must be true or false (and only for uniform/int)")
+    return Dimension(name, kind, tuple(values), log=log, when=_parse_when(field, entry.get("when"), seen))
+
+
+def _parse_when(field: str, when: Any, seen: list[str]) -> tuple:
+    if when is None:
+        return ()
+    if not isinstance(when, dict) or not when:
+        raise ValueError(f"{field}.when: the value is {when!r}, but must be a mapping like {{optimizer: sgd}}")
+    conditions = []
+    for other, allowed in when.items():
+        if other not in seen:
+            raise ValueError(f"{field}.when.{other}: the value is {other!r}, but must name a parameter listed "
+                             f"above {field} in space")
+        conditions.append((other, tuple(allowed) if isinstance(allowed, list) else (allowed,)))
+    return tuple(conditions)
+
+
+def _check_value(field: str, name: str, value: Any) -> None:
+    problem = PARAMS[name].problem(value)
+    if problem is None and name == "backbone":
+        problem = timm_model_problem(value)
+    if problem:
+        raise ValueError(f"{field}: the value is {value!r}, but must be {problem}")
+
+
+def check_start_points(points: list[dict], space: Space) -> None:
+    """A start_from entry may name any parameter; searched ones must lie inside their distribution."""
+    searched = {d.name: d for d in space.dimensions}
+    fixed = space.fixed
+    for i, point in enumerate(points):
+        for name, value in point.items():
+            field = f"search.start_from[{i}].{name}"
+            if name not in PARAMS:
+                raise ValueError(f"{field}: unknown parameter; known: {', '.join(PARAMS)}")
+            _check_value(field, name, value)
+            if name in fixed and value != fixed[name]:
+                raise ValueError(f"{field}: the value is {value!r}, but must be {fixed[name]!r} "
+                                 f"(space.{name} fixes it)")
+            dimension = searched.get(name)
+            if dimension and not dimension.contains(value):
+                allowed = (f"one of {list(dimension.values)}" if dimension.distribution == "choice"
+                           else f"within space.{name} [{dimension.values[0]}, {dimension.values[1]}]")
+                raise ValueError(f"{field}: the value is {value!r}, but must be {allowed}")

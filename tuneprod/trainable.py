@@ -1,0 +1,42 @@
+"""The one place a trial meets Ray: a config dict in, one `tune.report` (with a checkpoint) per epoch out."""
+from __future__ import annotations
+
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from ray import tune
+
+from tuneprod.data import ImageSet
+from tuneprod.loop import TrainingRun
+from tuneprod.spec import Hyperparams, TrialConfig
+
+STATE_FILE = "state.pt"
+
+
+@dataclass(frozen=True)
+class TrialData:
+    """What every trial shares, handed over once through Ray's object store by `tune.with_parameters`."""
+
+    train: ImageSet
+    val: ImageSet
+    image_size: int
+    max_epochs: int
+    seed: int
+    workers: int
+
+
+def train_trial(config: dict, data: TrialData) -> None:
+    trial_config = TrialConfig(Hyperparams.from_params(config), image_size=data.image_size,
+                               epochs=data.max_epochs, seed=data.seed, workers=data.workers)
+    run = TrainingRun(trial_config, data.train.classes, data.train, data.val)
+    checkpoint = tune.get_checkpoint()
+    if checkpoint:  # a restored experiment or a retried trial resumes where it stopped
+        with checkpoint.as_directory() as folder:
+            run.load_state_dict(torch.load(Path(folder) / STATE_FILE, weights_only=True))
+    while run.epoch < trial_config.epochs:
+        metrics = run.step()
+        with tempfile.TemporaryDirectory() as folder:
+            torch.save(run.state_dict(), Path(folder) / STATE_FILE)
+            tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(folder))
