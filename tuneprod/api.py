@@ -26,8 +26,8 @@ def search(space: PathLike, *, data: Optional[PathLike] = None, test: Optional[P
            address: Optional[str] = None, retrain: bool = True, progress: Callable[[str], None] = print):
     """Runs the search a space file describes, then (unless retrain=False) retrains the best configuration on all
     labelled data and predicts the test images. Returns the SearchOutcome."""
-    from tuneprod.retrain import predict_test, retrain as retrain_best
-    from tuneprod.search import run_search
+    from tuneprod.refit import predict_test, retrain as retrain_best
+    from tuneprod.tuner import run_search
     from tuneprod.spec import UserError, load_spec
 
     overrides = data_overrides(data, test)
@@ -47,7 +47,7 @@ def search(space: PathLike, *, data: Optional[PathLike] = None, test: Optional[P
 def retrain(experiment: PathLike, progress: Callable[[str], None] = print) -> Path:
     """Retrains an experiment's best configuration on all labelled data into <experiment>/final (and predicts
     the spec's test images, if any). Returns the model folder."""
-    from tuneprod.retrain import predict_test, retrain as retrain_best
+    from tuneprod.refit import predict_test, retrain as retrain_best
 
     folder = retrain_best(Path(experiment), progress=progress)
     predict_test(Path(experiment), progress=progress)
@@ -57,7 +57,7 @@ def retrain(experiment: PathLike, progress: Callable[[str], None] = print) -> Pa
 def predict(model: PathLike, images: PathLike, out: PathLike = "predictions.csv", tta: Optional[bool] = None,
             batch_size: int = 64, progress: Callable[[str], None] = print):
     """Writes file,label,confidence and the top 5 for every image in a folder. Returns a PredictionReport."""
-    from tuneprod.predict import predict as run_predict
+    from tuneprod.inference import predict as run_predict
 
     return run_predict(Path(model), Path(images), Path(out), tta=tta, batch_size=batch_size, progress=progress)
 

@@ -188,13 +188,17 @@ def labelled_images(spec: Spec) -> ImageSet:
     if spec.data.demo is not None and spec.data.train is None and not spec.data.train_path.exists():
         print(f"tuneprod: generating the demo product set in {spec.data.demo}")
         generate_demo(spec.data.demo, size=spec.data.image_size)
-    return without_unreadable(index_images(spec.data.train_path, "data.train"), "data.train")
+    try:
+        return without_unreadable(index_images(spec.data.train_path, "data.train"), "data.train")
+    except DataError as exc:
+        raise DataError(f"{spec.path}: {exc}") from None
 
 
 def check_test_images(spec: Spec) -> None:
     test = spec.data.test_path
     if test is not None and (not test.is_dir() or not list_images(test)):
-        raise DataError(f"data.test: the value is {str(test)!r}, but must be a folder holding images to predict")
+        raise DataError(f"{spec.path}: data.test: the value is {str(test)!r}, but must be a folder holding images "
+                        f"to predict")
 
 
 class ImageDataset(torch.utils.data.Dataset):

@@ -24,13 +24,24 @@ class WeightsError(UserError):
 def create_model(backbone: str, num_classes: int, pretrained: bool, dropout: float,
                  image_size: int) -> torch.nn.Module:
     """A timm classifier with a fresh `num_classes` head; the body is pretrained when asked."""
-    cfg = timm.models.get_pretrained_cfg(backbone)
-    # Models with a fixed input size (ViTs) are built for the run's size; timm resizes their position embedding.
-    size_kwargs = {"img_size": image_size} if cfg is not None and cfg.fixed_input_size else {}
+    size_kwargs = _size_kwargs(backbone, image_size)
     model = timm.create_model(backbone, pretrained=False, num_classes=num_classes, drop_rate=dropout, **size_kwargs)
     if pretrained:
         load_pretrained_body(model, backbone, size_kwargs)
     return model
+
+
+def ensure_pretrained_weights(backbone: str, image_size: int) -> None:
+    """Finds or downloads (into timm's cache) a backbone's weights once, before any trial starts: without a
+    network the search then fails up front with one message, instead of every trial failing after retries."""
+    if _local_weights(backbone) is None:
+        _hub_weights(backbone, _size_kwargs(backbone, image_size))
+
+
+def _size_kwargs(backbone: str, image_size: int) -> dict:
+    # Models with a fixed input size (ViTs) are built for the run's size; timm resizes their position embedding.
+    cfg = timm.models.get_pretrained_cfg(backbone)
+    return {"img_size": image_size} if cfg is not None and cfg.fixed_input_size else {}
 
 
 def preprocessing(model: torch.nn.Module) -> dict:

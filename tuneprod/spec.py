@@ -211,7 +211,7 @@ class ResourcesSpec(_Strict):
     @classmethod
     def _gpu_fraction(cls, value):
         if value != "auto" and not (value >= 0 and (value <= 1 or value == int(value))):
-            raise ValueError("must be 'auto', a fraction in [0, 1] or a whole number of GPUs")
+            raise ValueError("'auto', a fraction in [0, 1] or a whole number of GPUs")
         return value
 
 
@@ -224,7 +224,7 @@ class RetrainSpec(_Strict):
     @classmethod
     def _positive(cls, value):
         if value != "auto" and value < 1:
-            raise ValueError("must be 'auto' or an integer >= 1")
+            raise ValueError("'auto' or an integer >= 1")
         return value
 
 
@@ -255,6 +255,13 @@ class Space:
     def names(self) -> list[str]:
         return [d.name for d in self.dimensions] + list(self.fixed)
 
+    def values_of(self, name: str) -> tuple:
+        """Every value a choice or fixed parameter can take (the default when the space leaves it out)."""
+        if name in self.fixed:
+            return (self.fixed[name],)
+        searched = [d.values for d in self.dimensions if d.name == name]
+        return searched[0] if searched else (getattr(Hyperparams(), name),)
+
 
 @dataclass(frozen=True)
 class Spec:
@@ -274,6 +281,13 @@ class Spec:
 
     def renamed(self, name: str) -> "Spec":
         return dataclasses.replace(self, name=name, document={**self.document, "name": name})
+
+    def pretrained_backbones(self) -> list[str]:
+        """The backbones some trial may train from pretrained weights."""
+        points = self.search.start_from
+        if True not in self.space.values_of("pretrained") and not any(p.get("pretrained") for p in points):
+            return []
+        return sorted(set(self.space.values_of("backbone")) | {p["backbone"] for p in points if "backbone" in p})
 
     @property
     def dataloader_workers(self) -> int:
@@ -398,17 +412,32 @@ def parse_space(raw: dict) -> Space:
             hint = f" (did you mean {close[0]}?)" if close else f"; known: {', '.join(PARAMS)}"
             raise ValueError(f"{field}: unknown parameter{hint}")
         if isinstance(entry, dict):
-            dimension = _parse_dimension(name, entry, seen=[d.name for d in dimensions] + list(fixed))
+            dimension = _parse_dimension(name, entry, names=[other for other in raw if other != name])
             for value in dimension.values:
                 _check_value(f"{field}.{dimension.distribution}", name, value)
             dimensions.append(dimension)
         else:
             _check_value(field, name, entry)
             fixed[name] = entry
-    return Space(tuple(dimensions), fixed)
+    return Space(_conditions_first(dimensions), fixed)
 
 
-def _parse_dimension(name: str, entry: dict, seen: list[str]) -> Dimension:
+def _conditions_first(dimensions: list[Dimension]) -> tuple[Dimension, ...]:
+    """Orders dimensions so each comes after those its `when` names (file order otherwise)."""
+    pending, ordered = list(dimensions), []
+    while pending:
+        placed = {d.name for d in ordered}
+        ready = next((d for d in pending if all(n in placed or n not in {p.name for p in pending}
+                                                for n, _ in d.when)), None)
+        if ready is None:
+            raise ValueError(f"space.{pending[0].name}.when: the conditions form a cycle "
+                             f"({', '.join(d.name for d in pending)}); one parameter must not depend on itself")
+        ordered.append(ready)
+        pending.remove(ready)
+    return tuple(ordered)
+
+
+def _parse_dimension(name: str, entry: dict, names: list[str]) -> Dimension:
     field = f"space.{name}"
     kinds = [key for key in entry if key in DISTRIBUTIONS]
     unknown = [key for key in entry if key not in DISTRIBUTIONS and key not in ("when", "log")]
@@ -431,19 +460,19 @@ def _parse_dimension(name: str, entry: dict, seen: list[str]) -> Dimension:
             raise ValueError(f"{field}.int: the value is {values!r}, but must be two integers")
     if not isinstance(log, bool) or (log and kind == "choice"):
         raise ValueError(f"{field}.log: the value is {log!r}, but must be true or false (and only for uniform/int)")
-    return Dimension(name, kind, tuple(values), log=log, when=_parse_when(field, entry.get("when"), seen))
+    return Dimension(name, kind, tuple(values), log=log, when=_parse_when(field, entry.get("when"), names))
 
 
-def _parse_when(field: str, when: Any, seen: list[str]) -> tuple:
+def _parse_when(field: str, when: Any, names: list[str]) -> tuple:
     if when is None:
         return ()
     if not isinstance(when, dict) or not when:
         raise ValueError(f"{field}.when: the value is {when!r}, but must be a mapping like {{optimizer: sgd}}")
     conditions = []
     for other, allowed in when.items():
-        if other not in seen:
-            raise ValueError(f"{field}.when.{other}: the value is {other!r}, but must name a parameter listed "
-                             f"above {field} in space")
+        if other not in names:
+            raise ValueError(f"{field}.when.{other}: the value is {other!r}, but must name another parameter "
+                             f"of space")
         conditions.append((other, tuple(allowed) if isinstance(allowed, list) else (allowed,)))
     return tuple(conditions)
 

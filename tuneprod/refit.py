@@ -13,7 +13,7 @@ from typing import Callable, Optional
 from tuneprod import artifact, results
 from tuneprod.data import check_test_images, labelled_images
 from tuneprod.loop import TrainingRun
-from tuneprod.predict import PredictionReport, predict
+from tuneprod.inference import PredictionReport, predict
 from tuneprod.spec import EXPERIMENT_SPEC, Hyperparams, Spec, TrialConfig, UserError, load_spec
 
 FINAL = "final"

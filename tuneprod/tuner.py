@@ -3,6 +3,7 @@ then the results table, the retrain on all labelled data and the test prediction
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
@@ -14,6 +15,7 @@ from ray.tune.search.optuna import OptunaSearch
 
 from tuneprod import results
 from tuneprod.data import check_test_images, labelled_images, stratified_split
+from tuneprod.models import WeightsError, ensure_pretrained_weights
 from tuneprod.space import DefineByRun, sampler
 from tuneprod.spec import EXPERIMENT_SPEC, Spec
 from tuneprod.trainable import TrialData, train_trial
@@ -41,6 +43,12 @@ def run_search(spec: Spec, address: Optional[str] = None,
     labelled = labelled_images(spec)
     check_test_images(spec)
     train, val = stratified_split(labelled, spec.data.val_fraction, spec.search.seed)
+    for backbone in spec.pretrained_backbones():
+        progress(f"tuneprod: fetching pretrained weights for {backbone} (once, before the trials)")
+        try:
+            ensure_pretrained_weights(backbone, spec.data.image_size)
+        except WeightsError as exc:
+            raise WeightsError(f"{spec.path}: {exc}") from None
     spec = free_experiment_dir(spec)
     experiment_dir = spec.experiment_dir
     experiment_dir.mkdir(parents=True, exist_ok=True)
@@ -65,6 +73,9 @@ def run_search(spec: Spec, address: Optional[str] = None,
             checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
             failure_config=tune.FailureConfig(max_failures=0), verbose=1),
     )
+    # Each epoch checkpoints and so snapshots the experiment state; with short demo epochs Ray would warn about
+    # that on every epoch, though a local snapshot costs milliseconds.
+    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
     grid = tuner.fit()
     return summarise(spec, grid, progress)
 

@@ -1,0 +1,63 @@
+"""The command line: help for every verb, and bad input as one line on stderr with exit status 2."""
+import subprocess
+import sys
+
+import pytest
+
+from tests.helpers import SEARCH_SPACES, write_image_folder
+
+
+def tuneprod(*args, cwd=None):
+    return subprocess.run([sys.executable, "-m", "tuneprod.cli", *map(str, args)], capture_output=True, text=True,
+                          cwd=cwd)
+
+
+def assert_user_error(result, *fragments):
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr
+    for fragment in fragments:
+        assert fragment in lines[0]
+
+
+@pytest.mark.parametrize("verb", ["search", "retrain", "predict", "demo-data"])
+def test_help(verb):
+    result = tuneprod(verb, "--help")
+    assert result.returncode == 0 and "usage: tuneprod " + verb in result.stdout
+
+
+def test_bad_yaml_value(tmp_path):
+    space = tmp_path / "x.yaml"
+    space.write_text("data: {train: imgs}\nspace:\n  lr: -1\n")
+    assert_user_error(tuneprod("search", space), "x.yaml: space.lr: the value is -1, but must be > 0")
+
+
+def test_missing_data_fails_before_any_trial(tmp_path):
+    result = tuneprod("search", SEARCH_SPACES / "demo.yaml", "--data", tmp_path / "absent", "--storage",
+                      tmp_path / "runs", cwd=tmp_path)
+    assert_user_error(result, "demo.yaml: data.train: the path", "does not exist")
+    assert not (tmp_path / "runs").exists()
+
+
+def test_class_with_one_image_fails_before_any_trial(tmp_path):
+    root = write_image_folder(tmp_path / "imgs")
+    for extra in sorted((root / "green").iterdir())[1:]:
+        extra.unlink()
+    result = tuneprod("search", SEARCH_SPACES / "demo.yaml", "--data", root, "--storage", tmp_path / "runs")
+    assert_user_error(result, "green (1)")
+    assert not (tmp_path / "runs").exists()
+
+
+def test_retrain_and_predict_on_wrong_folders(tmp_path):
+    assert_user_error(tuneprod("retrain", tmp_path), "not a tuneprod experiment folder")
+    assert_user_error(tuneprod("predict", tmp_path, tmp_path), "not a tuneprod model folder")
+
+
+def test_demo_data_refuses_a_non_empty_folder_and_bad_sizes(tmp_path):
+    (tmp_path / "d").mkdir()
+    (tmp_path / "d" / "keep.txt").write_text("mine")
+    assert_user_error(tuneprod("demo-data", tmp_path / "d"), str(tmp_path / "d"))
+    assert_user_error(tuneprod("demo-data", tmp_path / "e", "--classes", "1"), "classes: the value is 1")
+    result = tuneprod("demo-data", tmp_path / "f", "--classes", "3", "--size", "24", "--train-per-class", "2",
+                      "--test-per-class", "1")
+    assert result.returncode == 0 and "3 classes, 6 training and 3 test images" in result.stdout

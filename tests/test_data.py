@@ -1,0 +1,104 @@
+"""Indexing, the unreadable-image scan, the stratified split and RGB loading."""
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+
+from tests.helpers import write_image_folder
+from tuneprod.data import DataError, index_images, load_rgb, stratified_split, without_unreadable
+
+
+def test_folder_index_labels_by_sorted_class_folder(image_folder):
+    image_set = index_images(image_folder)
+    assert image_set.classes == ("blue", "green", "red")
+    assert len(image_set) == 18
+    assert all(image_set.classes[label] == path.parent.name for path, label in zip(image_set.paths, image_set.labels))
+
+
+@pytest.mark.parametrize("suffix", [".csv", ".parquet"])
+def test_manifest_paths_are_relative_to_the_manifest(image_folder, suffix):
+    rows = [{"path": f"images/{p.parent.name}/{p.name}", "label": p.parent.name}
+            for p in sorted(image_folder.rglob("*.png"))]
+    manifest = image_folder.parent / f"manifest{suffix}"
+    table = pd.DataFrame(rows)
+    table.to_csv(manifest, index=False) if suffix == ".csv" else table.to_parquet(manifest)
+    image_set = index_images(manifest)
+    assert len(image_set) == 18 and image_set.classes == ("blue", "green", "red")
+    assert all(p.is_file() for p in image_set.paths)
+
+
+def test_manifest_errors(tmp_path, image_folder):
+    manifest = tmp_path / "m.csv"
+    manifest.write_text("file,label\na.png,x\n")
+    with pytest.raises(DataError, match="lacks the column"):
+        index_images(manifest)
+    manifest.write_text("path,label\nmissing.png,x\nmissing2.png,x\n")
+    with pytest.raises(DataError, match="2 file.* do not exist"):
+        index_images(manifest)
+
+
+def test_missing_path_empty_folder_and_small_class(tmp_path, image_folder):
+    with pytest.raises(DataError, match="does not exist"):
+        index_images(tmp_path / "nope")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DataError, match="no class sub-folders with images"):
+        index_images(tmp_path / "empty")
+    for extra in list((image_folder / "red").iterdir())[1:]:
+        extra.unlink()
+    with pytest.raises(DataError, match=r"at least 2 readable images.*red \(1\)"):
+        index_images(image_folder)
+
+
+def test_single_class_is_an_error(tmp_path):
+    root = write_image_folder(tmp_path / "one")
+    for name in ("green", "blue"):
+        for f in (root / name).iterdir():
+            f.unlink()
+        (root / name).rmdir()
+    with pytest.raises(DataError, match="only the class 'red'"):
+        index_images(root)
+
+
+def test_unreadable_images_are_listed_once_and_skipped(image_folder, capsys):
+    broken = image_folder / "red" / "broken.jpg"
+    broken.write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
+    truncated = image_folder / "green" / "truncated.png"
+    truncated.write_bytes((image_folder / "green" / "0.png").read_bytes()[:60])
+    image_set = without_unreadable(index_images(image_folder))
+    assert len(image_set) == 18 and broken not in image_set.paths and truncated not in image_set.paths
+    warning = capsys.readouterr().err
+    assert warning.count("warning") == 1 and str(broken) in warning and str(truncated) in warning
+
+
+def test_unreadable_images_that_empty_a_class_are_an_error(image_folder):
+    for f in list((image_folder / "blue").iterdir())[1:]:
+        f.write_bytes(b"garbage")
+    with pytest.raises(DataError, match="blue"):
+        without_unreadable(index_images(image_folder))
+
+
+def test_stratified_split_is_seeded_and_keeps_every_class_on_both_sides(tmp_path):
+    image_set = index_images(write_image_folder(tmp_path / "i", per_class=10))
+    train, val = stratified_split(image_set, 0.2, seed=1)
+    assert np.bincount(val.labels).tolist() == [2, 2, 2] and np.bincount(train.labels).tolist() == [8, 8, 8]
+    assert not set(train.paths) & set(val.paths)
+    assert stratified_split(image_set, 0.2, seed=1)[1].paths == val.paths
+    assert stratified_split(image_set, 0.2, seed=2)[1].paths != val.paths
+    tiny_train, tiny_val = stratified_split(image_set.subset([0, 1, 10, 11, 20, 21]), 0.9, seed=0)
+    assert len(tiny_train) == 3 and len(tiny_val) == 3  # at least one image stays on each side
+
+
+@pytest.mark.parametrize("mode", ["L", "P", "RGBA", "CMYK", "I;16", "LA"])
+def test_any_mode_loads_as_rgb(tmp_path, mode):
+    path = tmp_path / f"x.{'tiff' if mode in ('CMYK', 'I;16') else 'png'}"
+    Image.new("RGB", (7, 5), (200, 30, 30)).convert(mode).save(path)
+    pixels = load_rgb(path)
+    assert pixels.shape == (5, 7, 3) and pixels.dtype == np.uint8
+
+
+def test_transparent_background_becomes_white(tmp_path):
+    path = tmp_path / "t.png"
+    Image.new("RGBA", (4, 4), (0, 0, 0, 0)).save(path)
+    assert (load_rgb(path) == 255).all()

@@ -1,0 +1,76 @@
+"""The whole path through Ray on the real demo space, shrunk: search (Optuna TPE + ASHA) -> table -> retrain ->
+predict. Slow (about a minute on 2 cores): select with -m slow, skip with -m 'not slow'."""
+import subprocess
+import sys
+
+import pandas as pd
+import pytest
+import ray
+import yaml
+
+import tuneprod
+from tests.helpers import shrunk_space
+from tuneprod.demo import generate_demo
+from tuneprod.spec import UserError
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def ray_two_cpus():
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
+def test_search_retrain_predict(tmp_path, ray_two_cpus, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    generate_demo(tmp_path / "demo", classes=4, train_per_class=8, test_per_class=3, size=32)
+    space = shrunk_space(
+        "demo.yaml", tmp_path,
+        data={"demo": str(tmp_path / "demo"), "image_size": 32},
+        search={"num_samples": 5, "searcher": {"type": "optuna", "n_startup_trials": 2},
+                "scheduler": {"type": "asha", "max_epochs": 2, "grace_period": 1, "reduction_factor": 2},
+                # inception_v3 cannot run on 32 px images: the first trial fails, and the search must go on.
+                "start_from": [{"backbone": "inception_v3", "batch_size": 16}]},
+    )
+    raw = yaml.safe_load(space.read_text())
+    raw["space"]["backbone"] = {"choice": ["test_resnet", "test_efficientnet", "inception_v3"]}
+    space.write_text(yaml.safe_dump(raw, sort_keys=False))
+
+    outcome = tuneprod.search(space, storage=tmp_path / "runs")
+    experiment = tmp_path / "runs" / "shrunk_demo"
+    assert outcome.experiment_dir == experiment
+
+    table = pd.read_parquet(experiment / "trials.parquet")
+    assert len(table) == 5 and set(table["status"]) <= {"TERMINATED", "ERROR"}
+    for column in ("trial_id", "backbone", "lr", "augment", "val_acc", "best_epoch", "epochs_run", "stopped_early",
+                   "wall_time_s", "images_per_s"):
+        assert column in table.columns
+    failed = table[table["status"] == "ERROR"]
+    assert "inception_v3" in failed["backbone"].tolist() and "Kernel size" in failed["error"].iloc[0]
+    healthy = table[table["status"] == "TERMINATED"]
+    assert (healthy["stopped_early"] == (healthy["epochs_run"] < 2)).all()
+    assert healthy["val_acc"].between(0, 1).all()
+    assert (table.loc[table["momentum"].notna(), "optimizer"] == "sgd").all()  # conditional parameter
+
+    best = yaml.safe_load((experiment / "best_config.yaml").read_text())
+    assert best["backbone"] == table.iloc[0]["backbone"] and best["lr"] == pytest.approx(table.iloc[0]["lr"])
+    assert (experiment / "final" / "model.safetensors").is_file()
+    predictions = pd.read_csv(experiment / "predictions.csv")
+    assert len(predictions) == 12 and set(predictions["label"]) <= set(table.columns.tolist() + [
+        p.name for p in (tmp_path / "demo" / "train").iterdir()])
+    assert list(experiment.glob("trial_*/events.out.tfevents.*"))  # TensorBoard can read the trials
+
+    # The saved model predicts from the command line with no other flags.
+    result = subprocess.run([sys.executable, "-m", "tuneprod.cli", "predict", str(experiment / "final"),
+                             str(tmp_path / "demo" / "test"), "--out", str(tmp_path / "p.csv")],
+                            capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert "accuracy" in result.stdout and len(pd.read_csv(tmp_path / "p.csv")) == 12
+
+    # A second search with the same name goes to a new folder; its only trial (the failing start point) fails,
+    # which ends the search with a user error rather than a retrain of nothing.
+    with pytest.raises(UserError, match="every trial failed"):
+        tuneprod.search(space, storage=tmp_path / "runs", num_samples=1)
+    assert (tmp_path / "runs" / "shrunk_demo_2" / "trials.csv").is_file() and (experiment / "final").is_dir()

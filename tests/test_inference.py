@@ -1,0 +1,102 @@
+"""The self-describing model folder and predictions from it."""
+import json
+import shutil
+
+import pandas as pd
+import pytest
+import torch
+
+from tests.helpers import write_image_folder
+from tuneprod import artifact
+from tuneprod.data import DataError, index_images
+from tuneprod.loop import TrainingRun
+from tuneprod.inference import predict
+from tuneprod.spec import Hyperparams, TrialConfig
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    root = tmp_path_factory.mktemp("p")
+    image_set = index_images(write_image_folder(root / "train", per_class=8))
+    config = TrialConfig(Hyperparams(backbone="test_efficientnet", batch_size=8, lr=5e-3, dropout=0.1),
+                         image_size=32, epochs=4)
+    run = TrainingRun(config, image_set.classes, image_set)
+    for _ in range(config.epochs):
+        run.step()
+    model_dir = artifact.save(root / "final", run.model, image_set.classes, run.preprocessing, config, {"tta": True})
+    # Unlabelled test images in one flat folder, with their answers beside them.
+    test_dir = root / "test"
+    test_dir.mkdir()
+    rows = []
+    for i, path in enumerate(sorted(write_image_folder(root / "t", per_class=4, seed=9).rglob("*.png"))):
+        shutil.copy(path, test_dir / f"img{i:02d}.png")
+        rows.append({"file": f"img{i:02d}.png", "label": path.parent.name})
+    pd.DataFrame(rows).to_csv(test_dir / "test_labels.csv", index=False)
+    return run, model_dir, test_dir
+
+
+def test_artifact_describes_itself_and_reloads_identically(trained):
+    run, model_dir, _ = trained
+    metadata = json.loads((model_dir / "model.json").read_text())
+    assert metadata["classes"] == ["blue", "green", "red"]
+    assert metadata["preprocessing"]["image_size"] == 32 and len(metadata["preprocessing"]["mean"]) == 3
+    assert metadata["hyperparams"]["backbone"] == "test_efficientnet"
+    model, _ = artifact.load(model_dir, torch.device("cpu"))
+    x = torch.randn(2, 3, 32, 32)
+    run.model.eval()
+    with torch.no_grad():
+        assert torch.allclose(model(x), run.model(x), atol=1e-5)
+
+
+def test_predictions_csv_and_accuracy(trained, tmp_path):
+    _, model_dir, test_dir = trained
+    messages = []
+    report = predict(model_dir, test_dir, tmp_path / "out" / "p.csv", progress=messages.append)
+    table = pd.read_csv(report.out)
+    assert list(table.columns) == ["file", "label", "confidence", "top3_labels", "top3_confidences"]
+    assert len(table) == 12 and set(table["label"]) <= {"blue", "green", "red"}
+    assert table["confidence"].between(0, 1).all()
+    assert all(row.top3_labels.split("|")[0] == row.label for row in table.itertuples())
+    truth = pd.read_csv(test_dir / "test_labels.csv")
+    expected = (table.merge(truth, on="file", suffixes=("", "_true")).eval("label == label_true")).mean()
+    assert report.accuracy == pytest.approx(expected)
+    assert messages and messages[-1] == "predict: 12/12 images"
+
+
+def test_tta_changes_confidences_but_not_the_file_list(trained, tmp_path):
+    _, model_dir, test_dir = trained
+    plain = pd.read_csv(predict(model_dir, test_dir, tmp_path / "a.csv", tta=False, progress=lambda _: None).out)
+    flipped = pd.read_csv(predict(model_dir, test_dir, tmp_path / "b.csv", tta=True, progress=lambda _: None).out)
+    assert plain["file"].tolist() == flipped["file"].tolist()
+    assert not plain["confidence"].equals(flipped["confidence"])
+
+
+def test_unreadable_test_image_is_skipped(trained, tmp_path, capsys):
+    _, model_dir, test_dir = trained
+    images = tmp_path / "imgs"
+    shutil.copytree(test_dir, images)
+    (images / "zz_broken.jpg").write_bytes(b"nope")
+    report = predict(model_dir, images, tmp_path / "p.csv", progress=lambda _: None)
+    assert report.images == 12 and "zz_broken.jpg" in capsys.readouterr().err
+
+
+def test_bad_model_folder_and_images(trained, tmp_path):
+    _, model_dir, _ = trained
+    with pytest.raises(artifact.ArtifactError, match="not a tuneprod model folder"):
+        predict(tmp_path, tmp_path, tmp_path / "p.csv")
+    with pytest.raises(DataError, match="no such file or folder"):
+        predict(model_dir, tmp_path / "absent", tmp_path / "p.csv")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DataError, match="holds no images"):
+        predict(model_dir, tmp_path / "empty", tmp_path / "p.csv")
+    assert not (tmp_path / "p.csv").exists()
+
+
+def test_saving_over_an_old_model_replaces_it_whole(trained, tmp_path):
+    run, model_dir, _ = trained
+    target = tmp_path / "final"
+    shutil.copytree(model_dir, target)
+    (target / "stale.txt").write_text("from an older run")
+    artifact.save(target, run.model, run.classes, run.preprocessing, run.config, {})
+    assert sorted(p.name for p in target.iterdir()) == ["model.json", "model.safetensors"]
+    assert [p.name for p in tmp_path.iterdir()] == ["final"]  # no staging folder left behind

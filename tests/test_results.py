@@ -1,0 +1,67 @@
+"""The results table and the choice of best trial, from hand-picked numbers."""
+import math
+
+import pandas as pd
+import pytest
+import yaml
+
+from tuneprod.results import BEST_CONFIG, TRIALS_CSV, TRIALS_PARQUET, TrialRecord, best_row, params_of, \
+    trials_table, write_results
+
+NAMES = ["optimizer", "momentum", "batch_size"]
+
+
+def history(accs, losses=None, speed=100.0):
+    losses = losses or [1.0 - a for a in accs]
+    return [{"epoch": i + 1, "val_acc": a, "val_loss": l, "images_per_s": speed, "time_total_s": 2.0 * (i + 1)}
+            for i, (a, l) in enumerate(zip(accs, losses))]
+
+
+RECORDS = [
+    TrialRecord("a", {"optimizer": "adamw", "batch_size": 32}, history([0.5, 0.7, 0.6, 0.65])),
+    TrialRecord("b", {"optimizer": "sgd", "momentum": 0.9, "batch_size": 16}, history([0.3]), None),
+    TrialRecord("c", {"optimizer": "sgd", "momentum": 0.8, "batch_size": 64}, history([0.4, 0.8], [0.9, 0.5])),
+    TrialRecord("d", {"optimizer": "adamw", "batch_size": 8}, history([0.2, float("nan")]), "NonFiniteLoss: nan"),
+    TrialRecord("e", {"optimizer": "adam", "batch_size": 128}, [], "OutOfMemoryError: CUDA out of memory"),
+]
+
+
+def test_table_rows_best_first_with_peak_epoch_and_early_stops():
+    table = trials_table(RECORDS, NAMES, "val_acc", "max", max_epochs=4)
+    assert table["trial_id"].tolist() == ["c", "a", "b", "d", "e"]
+    by_id = table.set_index("trial_id")
+    assert by_id.loc["a", "best_epoch"] == 2 and by_id.loc["a", "val_acc"] == 0.7
+    assert by_id.loc["a", "epochs_run"] == 4 and not by_id.loc["a", "stopped_early"]
+    assert by_id.loc["b", "stopped_early"] and by_id.loc["c", "stopped_early"]
+    assert by_id.loc["d", "status"] == "ERROR" and not by_id.loc["d", "stopped_early"]
+    assert by_id.loc["d", "val_acc"] == 0.2  # the NaN epoch does not count
+    assert by_id.loc["e", "epochs_run"] == 0 and math.isnan(by_id.loc["e", "val_acc"])
+    assert by_id.loc["a", "wall_time_s"] == 8.0 and by_id.loc["a", "images_per_s"] == 100.0
+    assert by_id.loc["e", "error"].startswith("OutOfMemoryError")
+    assert pd.isna(by_id.loc["a", "momentum"]) and by_id.loc["c", "momentum"] == 0.8
+
+
+def test_minimised_metric_picks_lowest_loss():
+    table = trials_table(RECORDS, NAMES, "val_loss", "min", max_epochs=4)
+    assert table.iloc[0]["trial_id"] == "a"  # loss 0.3 at epoch 2 beats c's 0.5
+    assert table.iloc[0]["best_epoch"] == 2
+
+
+def test_best_row_skips_trials_without_results_and_fails_when_none_have_any():
+    table = trials_table(RECORDS[4:], NAMES, "val_acc", "max", max_epochs=4)
+    with pytest.raises(ValueError, match="every trial failed"):
+        best_row(table, "val_acc")
+
+
+def test_written_files_round_trip_with_types(tmp_path):
+    table = trials_table(RECORDS, NAMES, "val_acc", "max", max_epochs=4)
+    write_results(tmp_path, table, NAMES, "val_acc")
+    again = pd.read_parquet(tmp_path / TRIALS_PARQUET)
+    assert len(pd.read_csv(tmp_path / TRIALS_CSV)) == 5
+    best = params_of(best_row(again, "val_acc"), NAMES)
+    assert best == {"optimizer": "sgd", "momentum": 0.8, "batch_size": 64}
+    assert type(best["batch_size"]) is int
+    assert yaml.safe_load((tmp_path / BEST_CONFIG).read_text()) == best
+    assert "epoch 2" in (tmp_path / BEST_CONFIG).read_text().splitlines()[0]
+    inactive = params_of(again.set_index("trial_id").loc["a"], NAMES)
+    assert "momentum" not in inactive and type(inactive["batch_size"]) is int
