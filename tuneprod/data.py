@@ -187,7 +187,11 @@ def labelled_images(spec: Spec) -> ImageSet:
     """The training images, with the demo set generated on first use and unreadable files dropped (warned)."""
     if spec.data.demo is not None and spec.data.train is None and not spec.data.train_path.exists():
         print(f"tuneprod: generating the demo product set in {spec.data.demo}")
-        generate_demo(spec.data.demo, size=spec.data.image_size)
+        try:
+            generate_demo(spec.data.demo, size=spec.data.image_size)
+        except FileExistsError:
+            raise DataError(f"{spec.path}: data.demo: the folder {spec.data.demo} holds other files but no train/; "
+                            f"point data.demo at a new folder") from None
     try:
         return without_unreadable(index_images(spec.data.train_path, "data.train"), "data.train")
     except DataError as exc:

@@ -1,8 +1,6 @@
 """Predictions for a folder of images from a saved model: file,label,confidence plus the top 5."""
 from __future__ import annotations
 
-import os
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
@@ -14,6 +12,7 @@ from tuneprod import artifact
 from tuneprod.augment import eval_transform
 from tuneprod.data import IMAGE_EXTENSIONS, DataError, ImageDataset, ImageSet, find_unreadable, list_images, \
     warn_unreadable
+from tuneprod.files import atomic_write
 from tuneprod.loop import default_device, predict_logits
 
 TEST_LABELS = "test_labels.csv"
@@ -51,7 +50,7 @@ def predict(model_dir: Path, images: Path, out: Path, tta: Optional[bool] = None
         if len(probabilities) % 20 == 0 or done == len(paths):
             progress(f"predict: {done}/{len(paths)} images")
     table = _table([p.relative_to(root).as_posix() for p in paths], torch.cat(probabilities), classes)
-    _write_csv(table, Path(out))
+    atomic_write(Path(out), lambda path: table.to_csv(path, index=False))
     return PredictionReport(Path(out), len(table), _accuracy(table, root))
 
 
@@ -76,13 +75,6 @@ def _table(files: list[str], probabilities: torch.Tensor, classes: tuple[str, ..
         f"top{k}_labels": ["|".join(classes[i] for i in row) for row in indices.tolist()],
         f"top{k}_confidences": ["|".join(f"{c:.4f}" for c in row) for row in confidences.tolist()],
     })
-
-
-def _write_csv(table: pd.DataFrame, out: Path) -> None:
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
-    table.to_csv(staging, index=False)
-    os.replace(staging, out)
 
 
 def _accuracy(table: pd.DataFrame, root: Path) -> Optional[float]:

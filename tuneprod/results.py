@@ -11,6 +11,7 @@ from typing import Optional
 import pandas as pd
 import yaml
 
+from tuneprod.files import atomic_write
 from tuneprod.spec import PARAMS
 
 TRIALS_PARQUET = "trials.parquet"
@@ -112,15 +113,16 @@ def params_of(row: pd.Series, param_names: list[str]) -> dict:
 
 
 def write_results(experiment_dir: Path, table: pd.DataFrame, param_names: list[str], metric: str) -> None:
-    table.to_parquet(experiment_dir / TRIALS_PARQUET, index=False)
-    table.to_csv(experiment_dir / TRIALS_CSV, index=False)
+    atomic_write(experiment_dir / TRIALS_PARQUET, lambda path: table.to_parquet(path, index=False))
+    atomic_write(experiment_dir / TRIALS_CSV, lambda path: table.to_csv(path, index=False))
     try:
         best = best_row(table, metric)
     except ValueError:
         return
     header = (f"# Best trial {best['trial_id']}: {metric} {best[metric]:.4f} at epoch {best['best_epoch']} "
               f"of {best['epochs_run']}.\n# Usable as an entry of search.start_from.\n")
-    (experiment_dir / BEST_CONFIG).write_text(header + yaml.safe_dump(params_of(best, param_names), sort_keys=False))
+    text = header + yaml.safe_dump(params_of(best, param_names), sort_keys=False)
+    atomic_write(experiment_dir / BEST_CONFIG, lambda path: path.write_text(text))
 
 
 def read_table(experiment_dir: Path) -> pd.DataFrame:

@@ -103,7 +103,7 @@ def _start_ray(address: Optional[str], progress: Callable[[str], None]) -> None:
         return
     context = ray.init(address=address, logging_level=logging.WARNING)
     if context.dashboard_url:
-        progress(f"tuneprod: Ray dashboard at http://{context.dashboard_url}")
+        progress(f"tuneprod: Ray dashboard at http://{context.dashboard_url} (its token: `ray get-auth-token`)")
 
 
 def trial_resources(spec: Spec, cluster_gpus: float) -> dict:
