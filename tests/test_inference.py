@@ -53,10 +53,12 @@ def test_predictions_csv_and_accuracy(trained, tmp_path):
     messages = []
     report = predict(model_dir, test_dir, tmp_path / "out" / "p.csv", progress=messages.append)
     table = pd.read_csv(report.out)
-    assert list(table.columns) == ["file", "label", "confidence", "top3_labels", "top3_confidences"]
+    assert list(table.columns) == ["file", "label", "confidence", "top5_labels", "top5_confidences"]
     assert len(table) == 12 and set(table["label"]) <= {"blue", "green", "red"}
     assert table["confidence"].between(0, 1).all()
-    assert all(row.top3_labels.split("|")[0] == row.label for row in table.itertuples())
+    for row in table.itertuples():
+        assert row.top5_labels.split("|")[0] == row.label and len(row.top5_labels.split("|")) == 3
+        assert float(row.top5_confidences.split("|")[0]) == pytest.approx(row.confidence, abs=1e-4)
     truth = pd.read_csv(test_dir / "test_labels.csv")
     expected = (table.merge(truth, on="file", suffixes=("", "_true")).eval("label == label_true")).mean()
     assert report.accuracy == pytest.approx(expected)

@@ -38,9 +38,6 @@ class ImageSet:
     def subset(self, indices: Sequence[int]) -> "ImageSet":
         return ImageSet(tuple(self.paths[i] for i in indices), tuple(self.labels[i] for i in indices), self.classes)
 
-    def merged(self, other: "ImageSet") -> "ImageSet":
-        return ImageSet(self.paths + other.paths, self.labels + other.labels, self.classes)
-
 
 def list_images(folder: Path) -> list[Path]:
     """Image files under a folder (recursively, hidden entries skipped), in a stable order."""
@@ -131,9 +128,9 @@ def is_readable(path: Path) -> bool:
         return False
 
 
-def find_unreadable(paths: Sequence[Path], threads: Optional[int] = None) -> list[Path]:
+def find_unreadable(paths: Sequence[Path]) -> list[Path]:
     # Threads suffice: PIL releases the GIL while decoding.
-    with ThreadPoolExecutor(threads or min(32, (os.cpu_count() or 1) * 2)) as pool:
+    with ThreadPoolExecutor(min(32, (os.cpu_count() or 1) * 2)) as pool:
         readable = list(pool.map(is_readable, paths))
     return [p for p, ok in zip(paths, readable) if not ok]
 

@@ -66,14 +66,14 @@ def _image_paths(images: Path) -> tuple[Path, list[Path]]:
 
 
 def _table(files: list[str], probabilities: torch.Tensor, classes: tuple[str, ...]) -> pd.DataFrame:
-    k = min(TOP_K, len(classes))
-    confidences, indices = probabilities.topk(k, dim=1)
+    """Columns keep their names with fewer than TOP_K classes; the lists are just shorter."""
+    confidences, indices = probabilities.topk(min(TOP_K, len(classes)), dim=1)
     return pd.DataFrame({
         "file": files,
         "label": [classes[i] for i in indices[:, 0].tolist()],
         "confidence": confidences[:, 0].tolist(),
-        f"top{k}_labels": ["|".join(classes[i] for i in row) for row in indices.tolist()],
-        f"top{k}_confidences": ["|".join(f"{c:.4f}" for c in row) for row in confidences.tolist()],
+        f"top{TOP_K}_labels": ["|".join(classes[i] for i in row) for row in indices.tolist()],
+        f"top{TOP_K}_confidences": ["|".join(f"{c:.4f}" for c in row) for row in confidences.tolist()],
     })
 
 

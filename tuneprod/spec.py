@@ -230,7 +230,7 @@ class RetrainSpec(_Strict):
 
 @dataclass(frozen=True)
 class Dimension:
-    """A searched parameter: a distribution, optionally active only when earlier parameters match `when`."""
+    """A searched parameter: a distribution, optionally active only when other parameters match `when`."""
 
     name: str
     distribution: str  # one of DISTRIBUTIONS
@@ -247,7 +247,8 @@ class Dimension:
 
 @dataclass(frozen=True)
 class Space:
-    """The validated `space` section: searched dimensions (in file order) and fixed values."""
+    """The validated `space` section: fixed values, and searched dimensions in sampling order (file order, except
+    that a dimension comes after the parameters its `when` names)."""
 
     dimensions: tuple[Dimension, ...]
     fixed: dict

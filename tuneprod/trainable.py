@@ -1,6 +1,7 @@
 """The one place a trial meets Ray: a config dict in, one `tune.report` (with a checkpoint) per epoch out."""
 from __future__ import annotations
 
+import logging
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,6 +29,8 @@ class TrialData:
 
 
 def train_trial(config: dict, data: TrialData) -> None:
+    # Ray logs a line per saved checkpoint, which is one per trial and epoch: drowns the search's progress.
+    logging.getLogger("ray.train._internal.storage").setLevel(logging.WARNING)
     trial_config = TrialConfig(Hyperparams.from_params(config), image_size=data.image_size,
                                epochs=data.max_epochs, seed=data.seed, workers=data.workers)
     run = TrainingRun(trial_config, data.train.classes, data.train, data.val)
