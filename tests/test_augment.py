@@ -3,7 +3,8 @@ import numpy as np
 import pytest
 import torch
 
-from tuneprod.augment import eval_transform, mix_batch, train_transform
+from tuneprod.augment import eval_transform, mix_batch, reseed_worker_transform, train_transform
+from tuneprod.data import ImageDataset, ImageSet
 from tuneprod.spec import AUGMENT_POLICIES
 
 MEAN, STD = (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)
@@ -80,3 +81,27 @@ def test_mix_prob_zero_never_mixes():
     images, labels = torch.rand(4, 3, 8, 8), torch.tensor([0, 1, 0, 1])
     out, _ = mix_batch(images, labels, 2, 1.0, 1.0, 0.0, np.random.default_rng(0))
     assert torch.equal(out, images)
+
+
+def test_loader_workers_do_not_repeat_each_others_augmentations(tmp_path):
+    from PIL import Image
+
+    path = tmp_path / "same.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (40, 40, 3), dtype=np.uint8)).save(path)
+    dataset = ImageDataset(ImageSet((path,) * 4, (0,) * 4, ("a",)), train_transform("heavy", 32, MEAN, STD, seed=0))
+
+    def first_two(init_fn):
+        loader = torch.utils.data.DataLoader(dataset, batch_size=1, num_workers=2, worker_init_fn=init_fn,
+                                             generator=torch.Generator().manual_seed(0))
+        batches = [images for images, _ in loader]
+        return batches[0], batches[1]  # samples 0 and 1 come from different workers
+
+    assert torch.equal(*first_two(None))  # the problem: copies of one random state
+    assert not torch.equal(*first_two(reseed_worker_transform))
+
+
+def test_seeded_policy_is_reproducible():
+    image = np.random.default_rng(0).integers(0, 256, (40, 40, 3), dtype=np.uint8)
+    a = train_transform("heavy", 32, MEAN, STD, seed=5)
+    b = train_transform("heavy", 32, MEAN, STD, seed=5)
+    assert all(torch.equal(a(image=image)["image"], b(image=image)["image"]) for _ in range(3))

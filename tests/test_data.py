@@ -90,12 +90,22 @@ def test_stratified_split_is_seeded_and_keeps_every_class_on_both_sides(tmp_path
     assert len(tiny_train) == 3 and len(tiny_val) == 3  # at least one image stays on each side
 
 
-@pytest.mark.parametrize("mode", ["L", "P", "RGBA", "CMYK", "I;16", "LA"])
-def test_any_mode_loads_as_rgb(tmp_path, mode):
-    path = tmp_path / f"x.{'tiff' if mode in ('CMYK', 'I;16') else 'png'}"
+@pytest.mark.parametrize("mode, suffix", [("L", "png"), ("P", "png"), ("RGBA", "png"), ("CMYK", "jpg"),
+                                          ("LA", "png"), ("RGB", "webp"), ("RGB", "bmp")])
+def test_any_mode_loads_as_rgb(tmp_path, mode, suffix):
+    path = tmp_path / f"x.{suffix}"
     Image.new("RGB", (7, 5), (200, 30, 30)).convert(mode).save(path)
     pixels = load_rgb(path)
     assert pixels.shape == (5, 7, 3) and pixels.dtype == np.uint8
+    grey = mode in ("L", "LA")
+    assert abs(int(pixels[2, 3, 0]) - (89 if grey else 200)) < 12  # the colour survives, not just the shape
+
+
+def test_sixteen_bit_greyscale_is_scaled_not_clipped(tmp_path):
+    path = tmp_path / "deep.png"
+    Image.fromarray(np.full((4, 4), 40000, dtype=np.uint16)).save(path)
+    assert Image.open(path).mode.startswith("I")
+    assert (load_rgb(path) == 40000 // 256).all()
 
 
 def test_transparent_background_becomes_white(tmp_path):

@@ -1,7 +1,9 @@
 """The whole path through Ray on the real demo space, shrunk: search (Optuna TPE + ASHA) -> table -> retrain ->
 predict. Slow (about a minute on 2 cores): select with -m slow, skip with -m 'not slow'."""
+import signal
 import subprocess
 import sys
+import time
 
 import pandas as pd
 import pytest
@@ -74,3 +76,33 @@ def test_search_retrain_predict(tmp_path, ray_two_cpus, monkeypatch):
     with pytest.raises(UserError, match="every trial failed"):
         tuneprod.search(space, storage=tmp_path / "runs", num_samples=1)
     assert (tmp_path / "runs" / "shrunk_demo_2" / "trials.csv").is_file() and (experiment / "final").is_dir()
+
+
+def test_interrupted_search_resumes_from_checkpoints(tmp_path, ray_two_cpus):
+    generate_demo(tmp_path / "demo", classes=3, train_per_class=6, test_per_class=2, size=32)
+    space = shrunk_space("demo.yaml", tmp_path, data={"demo": str(tmp_path / "demo"), "image_size": 32},
+                         # One trial at a time: when Ctrl-C comes, the running trial has checkpoints to resume
+                         # from, and the others have not started.
+                         search={"num_samples": 3, "max_concurrent_trials": 1,
+                                 "scheduler": {"type": "fifo", "max_epochs": 10}})
+    experiment = tmp_path / "runs" / "shrunk_demo"
+    search = subprocess.Popen([sys.executable, "-m", "tuneprod.cli", "search", str(space), "--storage",
+                               str(tmp_path / "runs")], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while not list(experiment.glob("trial_*/checkpoint_000001")) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    search.send_signal(signal.SIGINT)  # Ctrl-C after the first trial's second epoch
+    _, stderr = search.communicate(timeout=120)
+    assert search.returncode == 130, stderr
+    assert f"tuneprod resume {experiment}" in stderr
+    assert not (experiment / "trials.parquet").exists()  # no table of half-run trials
+
+    outcome = tuneprod.resume(experiment)
+    table = pd.read_parquet(experiment / "trials.parquet")
+    assert outcome.trials == 3 and (table["epochs_run"] == 10).all()
+    for progress in experiment.glob("trial_*/progress.csv"):
+        epochs = pd.read_csv(progress)["epoch"].tolist()
+        # Continued from its checkpoint, not restarted: epoch 1 ran once. (The epoch after the last checkpoint
+        # Ray recorded may run twice.)
+        assert epochs.count(1) == 1 and sorted(set(epochs)) == list(range(1, 11)), (progress, epochs)
+    assert (experiment / "final" / "model.safetensors").is_file()

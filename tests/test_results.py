@@ -47,6 +47,13 @@ def test_minimised_metric_picks_lowest_loss():
     assert table.iloc[0]["best_epoch"] == 2
 
 
+def test_a_failed_trial_is_never_best_even_with_the_top_metric():
+    diverged = TrialRecord("x", {"optimizer": "sgd", "momentum": 0.9, "batch_size": 8}, history([0.95]),
+                           "NonFiniteLoss: nan")
+    table = trials_table(RECORDS + [diverged], NAMES, "val_acc", "max", max_epochs=4)
+    assert table.iloc[0]["trial_id"] == "x" and best_row(table, "val_acc")["trial_id"] == "c"
+
+
 def test_best_row_skips_trials_without_results_and_fails_when_none_have_any():
     table = trials_table(RECORDS[4:], NAMES, "val_acc", "max", max_epochs=4)
     with pytest.raises(ValueError, match="every trial failed"):

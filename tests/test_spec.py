@@ -72,6 +72,18 @@ def test_scientific_notation_is_a_float(tmp_path):
      "search.start_from[0].lr: the value is 1.0, but must be within space.lr"),
     ("data: {train: x}\nsearch: {start_from: [{pretrained: true}]}\nspace:\n  pretrained: false\n",
      "search.start_from[0].pretrained: the value is True, but must be False (space.pretrained fixes it)"),
+    ("data: {train: x}\nspace:\n  batch_size: .inf\n", "space.batch_size: the value is inf, but must be a finite"),
+    ("data: {train: x}\nspace:\n  batch_size: .nan\n", "space.batch_size: the value is nan, but must be a finite"),
+    ("data: {train: x}\nspace:\n  momentum: {uniform: [0.8, 0.9], when: {optimizer: SGD}}\n"
+     "  optimizer: {choice: [sgd, adam]}\n",
+     "space.momentum.when.optimizer: the value is 'SGD', but must be one of the values space.optimizer takes"),
+    ("data: {train: x}\nsearch: {start_from: [{weight_decay: 0.1}]}\nspace:\n  lr: 0.1\n",
+     "search.start_from[0].weight_decay: the value is 0.1, but weight_decay is not in space"),
+    ("data: {train: x}\nresources: {gpus_per_trial: half}\n",
+     "resources.gpus_per_trial: the value is 'half', but must be 'auto' or a fraction of one GPU in [0, 1]"),
+    ("data: {train: x}\nresources: {gpus_per_trial: 2}\n", "resources.gpus_per_trial: the value is 2"),
+    ("data: {train: x}\nretrain: {epochs: many}\n", "retrain.epochs: the value is 'many', but must be 'auto' or"),
+    ("data: {train: x}\nname: 2024\n", "name: the value is 2024, but must be a string"),
     ("data: [1,\n", "space.yaml: not valid YAML at line 2"),
     ("- just a list\n", "must hold a mapping"),
 ])
@@ -85,9 +97,32 @@ def test_conditions_may_come_before_the_parameter_they_name(tmp_path):
     assert [d.name for d in spec.space.dimensions] == ["optimizer", "momentum"]
 
 
-def test_missing_file_is_a_spec_error(tmp_path):
+def test_missing_file_or_a_folder_is_a_spec_error(tmp_path):
     with pytest.raises(SpecError, match="no such file"):
         load_spec(tmp_path / "absent.yaml")
+    with pytest.raises(SpecError, match="cannot read it"):
+        load_spec(tmp_path)
+
+
+def test_integer_parameters_get_integers(tmp_path):
+    spec = load_spec(write(tmp_path, "data: {train: x}\nsearch: {start_from: [{batch_size: 32.0}]}\nspace:\n"
+                                     "  batch_size: {choice: [1e2, 32]}\n  dropout: 0\n"))
+    assert [type(v) for v in spec.space.dimensions[0].values] == [int, int]
+    assert type(spec.search.start_from[0]["batch_size"]) is int and type(spec.space.fixed["dropout"]) is float
+
+
+def test_readme_example_is_a_valid_space(tmp_path):
+    readme = (SEARCH_SPACES.parent / "README.md").read_text()
+    example = readme.split("```yaml\n", 1)[1].split("```", 1)[0]
+    spec = load_spec(write(tmp_path, example))
+    assert "momentum" in [d.name for d in spec.space.dimensions]
+
+
+def test_overrides_fill_an_empty_section_and_refuse_a_scalar_one(tmp_path):
+    spec = load_spec(write(tmp_path, "data:\nsearch:\n"), {"data.train": "imgs", "search.num_samples": 3})
+    assert spec.data.train.name == "imgs" and spec.search.num_samples == 3
+    with pytest.raises(SpecError, match="space.yaml: search: the value is 5, but must be a mapping"):
+        load_spec(write(tmp_path, "data: {train: x}\nsearch: 5\n"), {"search.num_samples": 3})
 
 
 def test_overrides_replace_fields_before_validation(tmp_path):

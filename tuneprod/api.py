@@ -26,22 +26,37 @@ def search(space: PathLike, *, data: Optional[PathLike] = None, test: Optional[P
            address: Optional[str] = None, retrain: bool = True, progress: Callable[[str], None] = print):
     """Runs the search a space file describes, then (unless retrain=False) retrains the best configuration on all
     labelled data and predicts the test images. Returns the SearchOutcome."""
-    from tuneprod.refit import predict_test, retrain as retrain_best
+    from tuneprod.spec import load_spec
     from tuneprod.tuner import run_search
-    from tuneprod.spec import UserError, load_spec
 
     overrides = data_overrides(data, test)
     for key, value in (("search.num_samples", num_samples), ("name", name), ("storage", storage)):
         if value is not None:
             overrides[key] = str(value) if key == "storage" else value
     spec = load_spec(space, overrides)
-    outcome = run_search(spec, address=address, progress=progress)
+    return _finish(spec, run_search(spec, address=address, progress=progress), retrain, progress)
+
+
+def _finish(spec, outcome, retrain: bool, progress: Callable[[str], None]):
+    from tuneprod.refit import predict_test, retrain as retrain_best
+    from tuneprod.spec import UserError
+
     if outcome.best_value is None:
         raise UserError(f"every trial failed; see the error column of {outcome.experiment_dir / 'trials.csv'}")
     if retrain and spec.retrain.enabled:
         retrain_best(outcome.experiment_dir, progress=progress)
         predict_test(outcome.experiment_dir, progress=progress)
     return outcome
+
+
+def resume(experiment: PathLike, *, address: Optional[str] = None, retrain: bool = True,
+           progress: Callable[[str], None] = print):
+    """Continues an interrupted search from its folder, then retrains and predicts like `search`."""
+    from tuneprod.refit import load_experiment
+    from tuneprod.tuner import resume_search
+
+    spec = load_experiment(Path(experiment))
+    return _finish(spec, resume_search(spec, address=address, progress=progress), retrain, progress)
 
 
 def retrain(experiment: PathLike, progress: Callable[[str], None] = print) -> Path:

@@ -1,7 +1,7 @@
 """Named augmentation policies (albumentations, per image) and mixup/cutmix (torch, per batch)."""
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Optional, Sequence
 
 import albumentations as A
 import cv2
@@ -53,11 +53,19 @@ def _appearance(policy: str) -> list[A.BasicTransform]:
     return transforms
 
 
-def train_transform(policy: str, size: int, mean: Sequence[float], std: Sequence[float]) -> A.Compose:
+def train_transform(policy: str, size: int, mean: Sequence[float], std: Sequence[float],
+                    seed: Optional[int] = None) -> A.Compose:
     """The named policy at `size` px, then normalisation to a CxHxW float tensor."""
     if policy not in AUGMENT_POLICIES:
         raise ValueError(f"augment: the value is {policy!r}, but must be one of {', '.join(AUGMENT_POLICIES)}")
-    return A.Compose(_geometry(policy, size) + _appearance(policy) + _to_tensor(mean, std))
+    return A.Compose(_geometry(policy, size) + _appearance(policy) + _to_tensor(mean, std), seed=seed)
+
+
+def reseed_worker_transform(worker_id: int) -> None:
+    """DataLoader worker_init_fn: each worker gets a copy of the transform with the same random state, so without
+    this every worker would repeat the others' augmentations. Seeds it from the worker's own (seeded) seed."""
+    info = torch.utils.data.get_worker_info()
+    info.dataset.transform.set_random_seed(info.seed % 2**32)
 
 
 def eval_transform(size: int, mean: Sequence[float], std: Sequence[float]) -> A.Compose:

@@ -10,6 +10,12 @@ from typing import Optional
 from tuneprod import api
 
 
+def _positive_int(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"the value is {text!r}, but must be an integer >= 1")
+    return int(text)
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tuneprod", description=__doc__.split("\n")[0])
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -23,11 +29,19 @@ def _parser() -> argparse.ArgumentParser:
     search.add_argument("--data", type=Path, help="images to use instead of the YAML's: a class-per-folder tree, a "
                                                   "path,label CSV/Parquet manifest, or a folder holding train/ and test/")
     search.add_argument("--test", type=Path, help="unlabelled images to predict at the end (replaces data.test)")
-    search.add_argument("--num-samples", type=int, help="number of trials (replaces search.num_samples)")
+    search.add_argument("--num-samples", type=_positive_int, help="number of trials (replaces search.num_samples)")
     search.add_argument("--name", help="experiment name (default: the YAML's name or file stem)")
     search.add_argument("--storage", type=Path, help="where experiments go (default: ./tuneprod_runs)")
     search.add_argument("--address", help="Ray cluster to join, e.g. auto (default: start Ray on this machine)")
     search.add_argument("--no-retrain", action="store_true", help="stop after the search")
+
+    resume = commands.add_parser("resume", help="continue an interrupted search",
+                                 description="Continues a search that was interrupted (Ctrl-C, a lost driver): "
+                                             "unfinished trials restart from their last checkpoint; then retrains "
+                                             "and predicts like search.")
+    resume.add_argument("experiment", type=Path, help="experiment folder, e.g. tuneprod_runs/demo")
+    resume.add_argument("--address", help="Ray cluster to join (default: start Ray on this machine)")
+    resume.add_argument("--no-retrain", action="store_true", help="stop after the search")
 
     retrain = commands.add_parser("retrain", help="retrain an experiment's best configuration on all labelled data",
                                   description="Retrains the best trial's configuration on train + validation images "
@@ -42,7 +56,7 @@ def _parser() -> argparse.ArgumentParser:
     predict.add_argument("--out", type=Path, default=Path("predictions.csv"), help="CSV to write (default: %(default)s)")
     predict.add_argument("--tta", action=argparse.BooleanOptionalAction, default=None,
                          help="average with the horizontally flipped image (default: as the model was saved)")
-    predict.add_argument("--batch-size", type=int, default=64, help="default: %(default)s")
+    predict.add_argument("--batch-size", type=_positive_int, default=64, help="default: %(default)s")
 
     demo = commands.add_parser("demo-data", help="generate the synthetic product image set",
                                description="Writes DIR/train/<class>/*.png (views from 0 and 30 degrees elevation) and "
@@ -63,6 +77,9 @@ def _run(args: argparse.Namespace) -> None:
                              retrain=not args.no_retrain)
         print(f"tuneprod: done; results in {outcome.experiment_dir} (trials.csv, best_config.yaml, final/). "
               f"TensorBoard: tensorboard --logdir {outcome.experiment_dir}")
+    elif args.command == "resume":
+        outcome = api.resume(args.experiment, address=args.address, retrain=not args.no_retrain)
+        print(f"tuneprod: done; results in {outcome.experiment_dir}")
     elif args.command == "retrain":
         api.retrain(args.experiment)
     elif args.command == "predict":
@@ -78,11 +95,14 @@ def _run(args: argparse.Namespace) -> None:
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    from tuneprod.spec import UserError
+    from tuneprod.spec import SearchInterrupted, UserError
 
     args = _parser().parse_args(argv)
     try:
         _run(args)
+    except SearchInterrupted as exc:
+        print(f"tuneprod {args.command}: interrupted: {exc}", file=sys.stderr)
+        return 130
     except UserError as exc:
         print(f"tuneprod {args.command}: error: {exc}", file=sys.stderr)
         return 2

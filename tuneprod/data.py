@@ -190,7 +190,9 @@ def labelled_images(spec: Spec) -> ImageSet:
             raise DataError(f"{spec.path}: data.demo: the folder {spec.data.demo} holds other files but no train/; "
                             f"point data.demo at a new folder") from None
     try:
-        return without_unreadable(index_images(spec.data.train_path, "data.train"), "data.train")
+        image_set = index_images(spec.data.train_path, "data.train")
+        print(f"tuneprod: checking that the {len(image_set)} images in {spec.data.train_path} decode")
+        return without_unreadable(image_set, "data.train")
     except DataError as exc:
         raise DataError(f"{spec.path}: {exc}") from None
 

@@ -9,7 +9,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from tuneprod.augment import eval_transform, mix_batch, train_transform
+from tuneprod.augment import eval_transform, mix_batch, reseed_worker_transform, train_transform
 from tuneprod.data import ImageDataset, ImageSet
 from tuneprod.models import create_model, preprocessing
 from tuneprod.spec import Hyperparams, TrialConfig
@@ -62,9 +62,17 @@ def predict_logits(model: torch.nn.Module, loader, device: torch.device, tta: bo
             yield logits, labels
 
 
+def amp_dtype(device: torch.device) -> Optional[torch.dtype]:
+    """bf16 where the GPU has it natively (Ampere and newer), fp16 (with loss scaling) on older ones; on CPU none:
+    autocast would slow the small models CPU runs use."""
+    if device.type != "cuda":
+        return None
+    return torch.bfloat16 if torch.cuda.is_bf16_supported(including_emulation=False) else torch.float16
+
+
 def _autocast(device: torch.device):
-    # bf16 needs no loss scaling; on CPU, autocast would slow the tiny models tests use, so it stays fp32.
-    return torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
+    dtype = amp_dtype(device)
+    return torch.autocast("cuda", dtype=dtype or torch.bfloat16, enabled=dtype is not None)
 
 
 def _to_device(images: torch.Tensor, device: torch.device) -> torch.Tensor:
@@ -88,8 +96,8 @@ class TrainingRun:
             self.model.to(memory_format=torch.channels_last)
         mean, std = self.preprocessing["mean"], self.preprocessing["std"]
         self.batch_size = min(hp.batch_size, len(train))
-        self.train_loader = self._loader(ImageDataset(train, train_transform(hp.augment, config.image_size, mean, std)),
-                                         shuffle=True)
+        augment = train_transform(hp.augment, config.image_size, mean, std, seed=config.seed)
+        self.train_loader = self._loader(ImageDataset(train, augment), shuffle=True)
         self.val_loader = None if val is None else self._loader(
             ImageDataset(val, eval_transform(config.image_size, mean, std)), shuffle=False)
         self.optimizer = build_optimizer(self.model, hp)
@@ -97,6 +105,7 @@ class TrainingRun:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer,
             lambda step: lr_factor(hp.lr_schedule, (step + 1) / steps_per_epoch, config.epochs, hp.warmup_epochs))
+        self.scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype(self.device) == torch.float16)
         self.mix_rng = np.random.default_rng(config.seed)
         self.epoch = 0
 
@@ -106,6 +115,7 @@ class TrainingRun:
             dataset, batch_size=self.batch_size if shuffle else self.batch_size * 2, shuffle=shuffle,
             # Dropping the ragged last batch keeps BatchNorm away from a batch of one.
             drop_last=shuffle, num_workers=workers, persistent_workers=workers > 0,
+            worker_init_fn=reseed_worker_transform if shuffle and workers > 0 else None,
             pin_memory=self.device.type == "cuda", generator=torch.Generator().manual_seed(self.config.seed))
 
     def step(self) -> dict:
@@ -130,8 +140,9 @@ class TrainingRun:
                 raise NonFiniteLoss(f"the training loss became {loss.item()} at epoch {self.epoch + 1} "
                                     f"(lr {self.optimizer.param_groups[0]['lr']:.3g}); a lower lr usually helps")
             self.optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            self.optimizer.step()
+            self.scaler.scale(loss).backward()
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
             self.scheduler.step()
             total_loss += loss.item() * len(images)
             seen += len(images)
@@ -150,12 +161,13 @@ class TrainingRun:
 
     def state_dict(self) -> dict:
         return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
-                "scheduler": self.scheduler.state_dict(), "epoch": self.epoch,
+                "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(), "epoch": self.epoch,
                 "mix_rng": self.mix_rng.bit_generator.state}
 
     def load_state_dict(self, state: dict) -> None:
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
+        self.scaler.load_state_dict(state["scaler"])
         self.epoch = state["epoch"]
         self.mix_rng.bit_generator.state = state["mix_rng"]

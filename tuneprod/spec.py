@@ -13,7 +13,7 @@ import operator
 import re
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Any, Literal, Optional, Union
+from typing import Any, Callable, Literal, Optional, Union
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -25,6 +25,10 @@ class UserError(Exception):
 
 class SpecError(UserError):
     pass
+
+
+class SearchInterrupted(UserError):
+    """Ctrl-C (or a lost driver) left trials unfinished; `tuneprod resume` continues them from their checkpoints."""
 
 
 AUGMENT_POLICIES = ("none", "light", "medium", "heavy", "viewpoint")
@@ -84,6 +88,10 @@ class Param:
     lt: Optional[float] = None
     le: Optional[float] = None
 
+    def normalised(self, value: Any) -> Any:
+        """An allowed value in its declared type: YAML's 1e2 is a float, a batch size must be an int."""
+        return int(value) if self.kind is int else float(value) if self.kind is float else value
+
     def problem(self, value: Any) -> Optional[str]:
         """What the value must be, or None when it is allowed."""
         if self.kind is bool:
@@ -94,10 +102,10 @@ class Param:
             return None if not self.choices or value in self.choices else f"one of {', '.join(self.choices)}"
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             return "an integer" if self.kind is int else "a number"
-        if self.kind is int and value != int(value):
-            return "an integer"
         if not math.isfinite(value):
             return "a finite number"
+        if self.kind is int and value != int(value):
+            return "an integer"
         bounds = [(self.gt, ">", operator.gt), (self.ge, ">=", operator.ge),
                   (self.lt, "<", operator.lt), (self.le, "<=", operator.le)]
         failed = [f"{symbol} {bound:g}" for bound, symbol, holds in bounds
@@ -203,16 +211,25 @@ class SearchSpec(_Strict):
         return self.mode or ("max" if self.metric == "val_acc" else "min")
 
 
+def _auto_or_number(value: Any, allowed: Callable[[float], bool], expected: str) -> Any:
+    """For fields that take 'auto' or a number: one message naming both, instead of one per union branch."""
+    if value == "auto":
+        return value
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
+            or not allowed(value):
+        raise ValueError(expected)
+    return value
+
+
 class ResourcesSpec(_Strict):
     cpus_per_trial: float = Field(1.0, gt=0)
     gpus_per_trial: Union[Literal["auto"], float] = "auto"
 
-    @field_validator("gpus_per_trial")
+    @field_validator("gpus_per_trial", mode="before")
     @classmethod
     def _gpu_fraction(cls, value):
-        if value != "auto" and not (value >= 0 and (value <= 1 or value == int(value))):
-            raise ValueError("'auto', a fraction in [0, 1] or a whole number of GPUs")
-        return value
+        # A trial trains on one device, so more than one GPU per trial would sit idle.
+        return _auto_or_number(value, lambda v: 0 <= v <= 1, "'auto' or a fraction of one GPU in [0, 1]")
 
 
 class RetrainSpec(_Strict):
@@ -220,12 +237,10 @@ class RetrainSpec(_Strict):
     epochs: Union[Literal["auto"], int] = "auto"
     tta: bool = True
 
-    @field_validator("epochs")
+    @field_validator("epochs", mode="before")
     @classmethod
     def _positive(cls, value):
-        if value != "auto" and value < 1:
-            raise ValueError("'auto' or an integer >= 1")
-        return value
+        return _auto_or_number(value, lambda v: v >= 1 and v == int(v), "'auto' or an integer >= 1")
 
 
 @dataclass(frozen=True)
@@ -280,8 +295,11 @@ class Spec:
     def experiment_dir(self) -> Path:
         return self.storage / self.name
 
-    def renamed(self, name: str) -> "Spec":
-        return dataclasses.replace(self, name=name, document={**self.document, "name": name})
+    def placed(self, experiment_dir: Path) -> "Spec":
+        """The same spec writing to another experiment folder."""
+        storage, name = experiment_dir.parent, experiment_dir.name
+        return dataclasses.replace(self, name=name, storage=storage,
+                                   document={**self.document, "name": name, "storage": str(storage)})
 
     def pretrained_backbones(self) -> list[str]:
         """The backbones some trial may train from pretrained weights."""
@@ -330,6 +348,8 @@ def load_spec(path: Union[str, Path], overrides: Optional[dict] = None) -> Spec:
         raw = yaml.load(path.read_text(), Loader=_YamlLoader)
     except FileNotFoundError:
         raise SpecError(f"{path}: no such file; pass a search-space YAML such as search_spaces/demo.yaml") from None
+    except OSError as exc:
+        raise SpecError(f"{path}: cannot read it ({exc.strerror}); pass a search-space YAML file") from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark else ""
@@ -337,7 +357,7 @@ def load_spec(path: Union[str, Path], overrides: Optional[dict] = None) -> Spec:
     if not isinstance(raw, dict):
         raise SpecError(f"{path}: the file must hold a mapping with at least a `data` section")
     for dotted, value in (overrides or {}).items():
-        _set_dotted(raw, dotted, value)
+        _set_dotted(raw, dotted, value, path)
     return spec_from_dict(raw, path)
 
 
@@ -348,14 +368,14 @@ def spec_from_dict(raw: dict, path: Path) -> Spec:
         raise SpecError(f"{path}: {_describe(exc)}") from None
     try:
         space = parse_space(doc.space)
-        check_start_points(doc.search.start_from, space)
+        search = doc.search.model_copy(update={"start_from": check_start_points(doc.search.start_from, space)})
     except ValueError as exc:
         raise SpecError(f"{path}: {exc}") from None
     data = doc.data.model_copy(update={k: _absolute(getattr(doc.data, k)) for k in ("train", "test", "demo")})
     name, storage = doc.name or path.stem, _absolute(doc.storage)
     document = doc.model_copy(update={"data": data, "name": name, "storage": storage}).model_dump(
         mode="json", exclude_none=True)
-    return Spec(path=path, data=data, search=doc.search, resources=doc.resources, retrain=doc.retrain,
+    return Spec(path=path, data=data, search=search, resources=doc.resources, retrain=doc.retrain,
                 space=space, name=name, storage=storage, document=document)
 
 
@@ -363,11 +383,16 @@ def _absolute(path: Optional[Path]) -> Optional[Path]:
     return None if path is None else path.expanduser().absolute()
 
 
-def _set_dotted(raw: dict, dotted: str, value: Any) -> None:
+def _set_dotted(raw: dict, dotted: str, value: Any, path: Path) -> None:
     *parents, leaf = dotted.split(".")
     node = raw
-    for key in parents:
-        node = node.setdefault(key, {})
+    for depth, key in enumerate(parents):
+        if node.get(key) is None:  # `data:` left empty in the file
+            node[key] = {}
+        node = node[key]
+        if not isinstance(node, dict):
+            field = ".".join(parents[:depth + 1])
+            raise SpecError(f"{path}: {field}: the value is {node!r}, but must be a mapping")
     node[leaf] = value
 
 
@@ -392,6 +417,10 @@ def _describe(exc: ValidationError) -> str:
         "int_from_float": lambda: "an integer",
         "float_parsing": lambda: "a number",
         "bool_parsing": lambda: "true or false",
+        "bool_type": lambda: "true or false",
+        "int_type": lambda: "an integer",
+        "float_type": lambda: "a number",
+        "string_type": lambda: "a string",
         "dict_type": lambda: "a mapping",
         "model_type": lambda: "a mapping",
         "list_type": lambda: "a list",
@@ -416,11 +445,28 @@ def parse_space(raw: dict) -> Space:
             dimension = _parse_dimension(name, entry, names=[other for other in raw if other != name])
             for value in dimension.values:
                 _check_value(f"{field}.{dimension.distribution}", name, value)
+            if dimension.distribution == "choice":
+                dimension = dataclasses.replace(dimension, values=tuple(PARAMS[name].normalised(v)
+                                                                        for v in dimension.values))
             dimensions.append(dimension)
         else:
             _check_value(field, name, entry)
-            fixed[name] = entry
-    return Space(_conditions_first(dimensions), fixed)
+            fixed[name] = PARAMS[name].normalised(entry)
+    space = Space(_conditions_first(dimensions), fixed)
+    _check_conditions(space)
+    return space
+
+
+def _check_conditions(space: Space) -> None:
+    """A `when` value that the named parameter can never take would silently switch the parameter off."""
+    for dimension in space.dimensions:
+        for other, allowed in dimension.when:
+            possible = space.values_of(other)
+            numeric_range = any(d.name == other and d.distribution != "choice" for d in space.dimensions)
+            impossible = [v for v in allowed if v not in possible]
+            if impossible and not numeric_range:
+                raise ValueError(f"space.{dimension.name}.when.{other}: the value is {impossible[0]!r}, but must "
+                                 f"be one of the values space.{other} takes: {list(possible)}")
 
 
 def _conditions_first(dimensions: list[Dimension]) -> tuple[Dimension, ...]:
@@ -486,8 +532,9 @@ def _check_value(field: str, name: str, value: Any) -> None:
         raise ValueError(f"{field}: the value is {value!r}, but must be {problem}")
 
 
-def check_start_points(points: list[dict], space: Space) -> None:
-    """A start_from entry may name any parameter; searched ones must lie inside their distribution."""
+def check_start_points(points: list[dict], space: Space) -> list[dict]:
+    """A start_from entry names parameters of the space; searched ones must lie inside their distribution.
+    Returns the entries with values in their declared types."""
     searched = {d.name: d for d in space.dimensions}
     fixed = space.fixed
     for i, point in enumerate(points):
@@ -495,6 +542,10 @@ def check_start_points(points: list[dict], space: Space) -> None:
             field = f"search.start_from[{i}].{name}"
             if name not in PARAMS:
                 raise ValueError(f"{field}: unknown parameter; known: {', '.join(PARAMS)}")
+            if name not in searched and name not in fixed:
+                # Optuna would drop it without a word: only parameters of the space reach a trial.
+                raise ValueError(f"{field}: the value is {value!r}, but {name} is not in space; add it to space "
+                                 f"(fixed or searched) or remove it from this entry")
             _check_value(field, name, value)
             if name in fixed and value != fixed[name]:
                 raise ValueError(f"{field}: the value is {value!r}, but must be {fixed[name]!r} "
@@ -504,3 +555,4 @@ def check_start_points(points: list[dict], space: Space) -> None:
                 allowed = (f"one of {list(dimension.values)}" if dimension.distribution == "choice"
                            else f"within space.{name} [{dimension.values[0]}, {dimension.values[1]}]")
                 raise ValueError(f"{field}: the value is {value!r}, but must be {allowed}")
+    return [{name: PARAMS[name].normalised(value) for name, value in point.items()} for point in points]

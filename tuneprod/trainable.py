@@ -6,6 +6,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+import ray
 import torch
 from ray import tune
 
@@ -33,7 +34,10 @@ def train_trial(config: dict, data: TrialData) -> None:
     logging.getLogger("ray.train._internal.storage").setLevel(logging.WARNING)
     trial_config = TrialConfig(Hyperparams.from_params(config), image_size=data.image_size,
                                epochs=data.max_epochs, seed=data.seed, workers=data.workers)
-    run = TrainingRun(trial_config, data.train.classes, data.train, data.val)
+    # The GPUs Ray assigned, not whether one is visible: a trial given none must not train on a GPU it shares
+    # with the trials that were given it.
+    device = torch.device("cuda" if ray.get_gpu_ids() else "cpu")
+    run = TrainingRun(trial_config, data.train.classes, data.train, data.val, device)
     checkpoint = tune.get_checkpoint()
     if checkpoint:  # a restored experiment or a retried trial resumes where it stopped
         with checkpoint.as_directory() as folder:

@@ -2,8 +2,11 @@
 then the results table, the retrain on all labelled data and the test predictions."""
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import signal
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
@@ -17,8 +20,9 @@ from tuneprod import results
 from tuneprod.data import check_test_images, labelled_images, stratified_split
 from tuneprod.models import WeightsError, ensure_pretrained_weights
 from tuneprod.space import DefineByRun, sampler
-from tuneprod.spec import EXPERIMENT_SPEC, Spec
+from tuneprod.spec import EXPERIMENT_SPEC, SearchInterrupted, Spec, UserError
 from tuneprod.trainable import TrialData, train_trial
+
 
 @dataclass(frozen=True)
 class SearchOutcome:
@@ -34,35 +38,20 @@ def free_experiment_dir(spec: Spec) -> Spec:
     candidate, n = spec, 1
     while (candidate.experiment_dir / EXPERIMENT_SPEC).exists():
         n += 1
-        candidate = spec.renamed(f"{spec.name}_{n}")
+        candidate = spec.placed(spec.storage / f"{spec.name}_{n}")
     return candidate
 
 
 def run_search(spec: Spec, address: Optional[str] = None,
                progress: Callable[[str], None] = print) -> SearchOutcome:
-    labelled = labelled_images(spec)
-    check_test_images(spec)
-    train, val = stratified_split(labelled, spec.data.val_fraction, spec.search.seed)
-    for backbone in spec.pretrained_backbones():
-        progress(f"tuneprod: fetching pretrained weights for {backbone} (once, before the trials)")
-        try:
-            ensure_pretrained_weights(backbone, spec.data.image_size)
-        except WeightsError as exc:
-            raise WeightsError(f"{spec.path}: {exc}") from None
+    data = _trial_data(spec, progress)
     spec = free_experiment_dir(spec)
-    experiment_dir = spec.experiment_dir
-    experiment_dir.mkdir(parents=True, exist_ok=True)
-    spec.save(experiment_dir / EXPERIMENT_SPEC)
-    progress(f"tuneprod: {len(labelled.classes)} classes, {len(train)} training and {len(val)} validation images")
-    progress(f"tuneprod: results go to {experiment_dir}")
-
+    spec.experiment_dir.mkdir(parents=True, exist_ok=True)
+    spec.save(spec.experiment_dir / EXPERIMENT_SPEC)
+    progress(f"tuneprod: results go to {spec.experiment_dir}")
     _start_ray(address, progress)
-    resources = trial_resources(spec, ray.cluster_resources().get("GPU", 0))
-    data = TrialData(train=train, val=val, image_size=spec.data.image_size,
-                     max_epochs=spec.search.scheduler.max_epochs, seed=spec.search.seed,
-                     workers=spec.dataloader_workers)
     tuner = tune.Tuner(
-        tune.with_resources(tune.with_parameters(train_trial, data=data), resources),
+        _trainable(spec, data, address),
         tune_config=tune.TuneConfig(search_alg=_searcher(spec), scheduler=_scheduler(spec),
                                     num_samples=spec.search.num_samples,
                                     max_concurrent_trials=spec.search.max_concurrent_trials,
@@ -73,11 +62,79 @@ def run_search(spec: Spec, address: Optional[str] = None,
             checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
             failure_config=tune.FailureConfig(max_failures=0), verbose=1),
     )
+    return _fit(spec, tuner, progress)
+
+
+def resume_search(spec: Spec, address: Optional[str] = None,
+                  progress: Callable[[str], None] = print) -> SearchOutcome:
+    """Continues an interrupted search (the spec saved in its folder): unfinished trials restart from their last
+    checkpoint, the searcher from its saved state; finished and failed trials stay as they were."""
+    experiment_dir = spec.experiment_dir
+    if not tune.Tuner.can_restore(str(experiment_dir)):
+        raise UserError(f"{experiment_dir}: holds no saved search state to resume; start a new search instead")
+    data = _trial_data(spec, progress)
+    _start_ray(address, progress)
+    tuner = tune.Tuner.restore(str(experiment_dir), trainable=_trainable(spec, data, address),
+                               resume_unfinished=True, resume_errored=False, restart_errored=False)
+    progress(f"tuneprod: resuming the search in {experiment_dir}")
+    return _fit(spec, tuner, progress)
+
+
+def _trial_data(spec: Spec, progress: Callable[[str], None]) -> TrialData:
+    """Everything checked before Ray starts: images, test folder, pretrained weights. The split is seeded, so a
+    resumed search validates on the same images."""
+    labelled = labelled_images(spec)
+    check_test_images(spec)
+    train, val = stratified_split(labelled, spec.data.val_fraction, spec.search.seed)
+    for backbone in spec.pretrained_backbones():
+        progress(f"tuneprod: fetching pretrained weights for {backbone} (once, before the trials)")
+        try:
+            ensure_pretrained_weights(backbone, spec.data.image_size)
+        except WeightsError as exc:
+            raise WeightsError(f"{spec.path}: {exc}") from None
+    progress(f"tuneprod: {len(labelled.classes)} classes, {len(train)} training and {len(val)} validation images")
+    return TrialData(train=train, val=val, image_size=spec.data.image_size,
+                     max_epochs=spec.search.scheduler.max_epochs, seed=spec.search.seed,
+                     workers=spec.dataloader_workers)
+
+
+def _trainable(spec: Spec, data: TrialData, address: Optional[str]):
+    cluster = ray.cluster_resources()
+    resources = trial_resources(spec, cluster.get("GPU", 0))
+    if address is None:  # a cluster may autoscale to fit; this machine will not
+        check_resources_fit(spec, resources, cluster)
+    return tune.with_resources(tune.with_parameters(train_trial, data=data), resources)
+
+
+def _fit(spec: Spec, tuner: tune.Tuner, progress: Callable[[str], None]) -> SearchOutcome:
     # Each epoch checkpoints and so snapshots the experiment state; with short demo epochs Ray would warn about
     # that on every epoch, though a local snapshot costs milliseconds.
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
-    grid = tuner.fit()
+    with _noticing_interrupts() as interrupted:
+        grid = tuner.fit()
+        if interrupted():  # half-run trials must not be tabled as stopped by ASHA, nor one of them retrained
+            raise SearchInterrupted(f"the search was stopped before its trials finished; continue it with: "
+                                    f"tuneprod resume {spec.experiment_dir}")
     return summarise(spec, grid, progress)
+
+
+@contextlib.contextmanager
+def _noticing_interrupts():
+    """Ray handles Ctrl-C itself: it saves the experiment, stops the trials and returns as if done. Its handler
+    then puts back the handler it found, so finding ours in place after `fit` means the search was interrupted.
+    Ours answers a second Ctrl-C, as Ray intends, by aborting."""
+    if threading.current_thread() is not threading.main_thread():  # only the main thread may set handlers
+        yield lambda: False
+        return
+
+    def abort(signum, frame):
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGINT, abort)
+    try:
+        yield lambda: signal.getsignal(signal.SIGINT) is abort
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def summarise(spec: Spec, grid, progress: Callable[[str], None]) -> SearchOutcome:
@@ -88,20 +145,24 @@ def summarise(spec: Spec, grid, progress: Callable[[str], None]) -> SearchOutcom
     results.write_results(spec.experiment_dir, table, names, metric)
     failed = int((table["status"] == "ERROR").sum())
     stopped = int(table["stopped_early"].sum())
-    best = table[metric].dropna()
     progress(f"tuneprod: {len(table)} trials: {len(table) - failed - stopped} ran to the end, {stopped} stopped "
              f"early by the scheduler, {failed} failed")
-    if not best.empty:
-        progress(f"tuneprod: best {metric} {best.iloc[0]:.4f}; configuration in "
-                 f"{spec.experiment_dir / results.BEST_CONFIG}")
-    return SearchOutcome(spec.experiment_dir, len(table), failed, stopped,
-                         None if best.empty else float(best.iloc[0]))
+    try:
+        best = float(results.best_row(table, metric)[metric])
+    except ValueError:
+        return SearchOutcome(spec.experiment_dir, len(table), failed, stopped, None)
+    progress(f"tuneprod: best {metric} {best:.4f}; configuration in {spec.experiment_dir / results.BEST_CONFIG}")
+    return SearchOutcome(spec.experiment_dir, len(table), failed, stopped, best)
 
 
 def _start_ray(address: Optional[str], progress: Callable[[str], None]) -> None:
     if ray.is_initialized():
         return
-    context = ray.init(address=address, logging_level=logging.WARNING)
+    try:
+        context = ray.init(address=address, logging_level=logging.WARNING)
+    except ConnectionError as exc:
+        raise UserError(f"--address {address}: no Ray cluster answers there ({exc}); start one (`ray start --head`, "
+                        f"`ray up cluster.yaml`) or leave --address out to run on this machine") from None
     if context.dashboard_url:
         progress(f"tuneprod: Ray dashboard at http://{context.dashboard_url} (its token: `ray get-auth-token`)")
 
@@ -112,6 +173,15 @@ def trial_resources(spec: Spec, cluster_gpus: float) -> dict:
     if gpus == "auto":
         gpus = 1 if cluster_gpus >= 1 else 0
     return {"cpu": spec.resources.cpus_per_trial, "gpu": gpus}
+
+
+def check_resources_fit(spec: Spec, resources: dict, cluster: dict) -> None:
+    """A trial that asks for more than the machine has would wait forever: say so before starting."""
+    for key, field in (("cpu", "cpus_per_trial"), ("gpu", "gpus_per_trial")):
+        available = cluster.get(key.upper(), 0)
+        if resources[key] > available:
+            raise UserError(f"{spec.path}: resources.{field}: the value is {resources[key]:g}, but must be <= "
+                            f"{available:g}, the {key.upper()}s Ray sees on this machine")
 
 
 def _searcher(spec: Spec) -> OptunaSearch:

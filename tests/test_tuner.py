@@ -1,0 +1,79 @@
+"""How the search is set up, with hand-picked specs: searcher, scheduler, resources, --data. No trials run."""
+from pathlib import Path
+
+import pytest
+from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+
+from tuneprod.api import data_overrides
+from tuneprod.spec import UserError, spec_from_dict
+from tuneprod.tuner import _scheduler, _searcher, check_resources_fit, trial_resources
+
+
+def spec_of(**sections):
+    return spec_from_dict({"data": {"train": "x"}, **sections}, Path("s.yaml"))
+
+
+SPACE = {"optimizer": {"choice": ["sgd", "adamw"]}, "momentum": {"uniform": [0.8, 0.95], "when": {"optimizer": "sgd"}},
+         "lr": {"loguniform": [1e-4, 1e-1]}, "dropout": 0.1}
+
+
+def test_searcher_runs_start_points_first_then_samples_the_space():
+    spec = spec_of(space=SPACE, search={"start_from": [{"optimizer": "adamw", "lr": 0.01}]})
+    searcher = _searcher(spec)
+    first = searcher.suggest("t1")
+    assert first == {"optimizer": "adamw", "lr": 0.01, "dropout": 0.1}
+    for i in range(2, 12):
+        config = searcher.suggest(f"t{i}")
+        assert 1e-4 <= config["lr"] <= 1e-1 and config["dropout"] == 0.1
+        assert ("momentum" in config) == (config["optimizer"] == "sgd")
+
+
+def test_random_searcher_is_seeded():
+    def draws(seed):
+        searcher = _searcher(spec_of(space=SPACE, search={"seed": seed, "searcher": {"type": "random"}}))
+        return [searcher.suggest(f"t{i}")["lr"] for i in range(3)]
+
+    assert draws(1) == draws(1) != draws(2)
+
+
+def test_scheduler_options_reach_asha_and_fifo_has_no_early_stopping():
+    spec = spec_of(search={"metric": "val_loss", "scheduler": {"max_epochs": 27, "grace_period": 3,
+                                                               "reduction_factor": 3}})
+    asha = _scheduler(spec)
+    assert isinstance(asha, ASHAScheduler)
+    assert (asha._max_t, asha._time_attr, asha._metric, asha._mode) == (27, "training_iteration", "val_loss", "min")
+    assert [milestone for milestone, _ in asha._brackets[0]._rungs] == [27, 9, 3]  # epochs where trials are cut
+    assert isinstance(_scheduler(spec_of(search={"scheduler": {"type": "fifo"}})), FIFOScheduler)
+
+
+@pytest.mark.parametrize("requested, cluster_gpus, expected", [("auto", 0, 0), ("auto", 4, 1), (0.25, 4, 0.25),
+                                                                (0, 4, 0)])
+def test_gpu_resources(requested, cluster_gpus, expected):
+    spec = spec_of(resources={"cpus_per_trial": 3, "gpus_per_trial": requested})
+    assert trial_resources(spec, cluster_gpus) == {"cpu": 3, "gpu": expected}
+
+
+def test_a_trial_bigger_than_this_machine_is_refused_up_front():
+    spec = spec_of(resources={"cpus_per_trial": 8})
+    with pytest.raises(UserError, match="resources.cpus_per_trial: the value is 8, but must be <= 2"):
+        check_resources_fit(spec, {"cpu": 8, "gpu": 0}, {"CPU": 2.0})
+    with pytest.raises(UserError, match="resources.gpus_per_trial: the value is 0.5, but must be <= 0"):
+        check_resources_fit(spec, {"cpu": 1, "gpu": 0.5}, {"CPU": 2.0})
+    check_resources_fit(spec, {"cpu": 2, "gpu": 0.5}, {"CPU": 2.0, "GPU": 1.0})
+
+
+def test_data_flag_takes_a_train_test_folder_or_the_training_images_alone(tmp_path):
+    (tmp_path / "set" / "train").mkdir(parents=True)
+    (tmp_path / "set" / "test").mkdir()
+    assert data_overrides(tmp_path / "set", None) == {"data.train": str(tmp_path / "set" / "train"),
+                                                      "data.demo": None, "data.test": str(tmp_path / "set" / "test")}
+    assert data_overrides(tmp_path / "set" / "train", None) == {"data.train": str(tmp_path / "set" / "train"),
+                                                                "data.demo": None, "data.test": None}
+    assert data_overrides(None, tmp_path / "t") == {"data.test": str(tmp_path / "t")}
+
+
+def test_pretrained_backbones_are_those_a_trial_may_load_weights_for():
+    assert spec_of(space={"backbone": {"choice": ["resnet18", "resnet34"]}}).pretrained_backbones() == []
+    assert spec_of(space={"backbone": {"choice": ["resnet34", "resnet18"]}, "pretrained": True}) \
+        .pretrained_backbones() == ["resnet18", "resnet34"]
+    assert spec_of(space={"pretrained": {"choice": [False, True]}}).pretrained_backbones() == ["resnet18"]
