@@ -75,11 +75,10 @@ def _run(args: argparse.Namespace) -> None:
         outcome = api.search(args.space, data=args.data, test=args.test, num_samples=args.num_samples,
                              name=args.name, storage=args.storage, address=args.address,
                              retrain=not args.no_retrain)
-        print(f"tuneprod: done; results in {outcome.experiment_dir} (trials.csv, best_config.yaml, final/). "
-              f"TensorBoard: tensorboard --logdir {outcome.experiment_dir}")
+        _print_done(outcome.experiment_dir)
     elif args.command == "resume":
         outcome = api.resume(args.experiment, address=args.address, retrain=not args.no_retrain)
-        print(f"tuneprod: done; results in {outcome.experiment_dir}")
+        _print_done(outcome.experiment_dir)
     elif args.command == "retrain":
         api.retrain(args.experiment)
     elif args.command == "predict":
@@ -92,6 +91,13 @@ def _run(args: argparse.Namespace) -> None:
                                 test_per_class=args.test_per_class, size=args.size, seed=args.seed)
         print(f"demo-data: {summary['classes']} classes, {summary['train_images']} training and "
               f"{summary['test_images']} test images in {summary['path']}")
+
+
+def _print_done(experiment_dir: Path) -> None:
+    written = [name for name in ("trials.csv", "best_config.yaml", "final/", "predictions.csv")
+               if (experiment_dir / name.rstrip("/")).exists()]
+    print(f"tuneprod: done; results in {experiment_dir} ({', '.join(written)}). "
+          f"TensorBoard: tensorboard --logdir {experiment_dir}")
 
 
 def main(argv: Optional[list[str]] = None) -> int:
