@@ -44,7 +44,7 @@ def _finish(spec, outcome, retrain: bool, progress: Callable[[str], None]):
     if outcome.best_value is None:
         raise UserError(f"every trial failed; see the error column of {outcome.experiment_dir / 'trials.csv'}")
     if retrain and spec.retrain.enabled:
-        retrain_best(outcome.experiment_dir, progress=progress)
+        retrain_best(outcome.experiment_dir, progress=progress, images=outcome.images)
         predict_test(outcome.experiment_dir, progress=progress)
     return outcome
 

@@ -12,7 +12,7 @@ from typing import Callable, Optional
 
 import torch
 from tuneprod import artifact, results
-from tuneprod.data import check_test_images, labelled_images
+from tuneprod.data import ImageSet, check_test_images, labelled_images
 from tuneprod.inference import PredictionReport, predict
 from tuneprod.loop import NonFiniteLoss, TrainingRun
 from tuneprod.spec import EXPERIMENT_SPEC, Hyperparams, Spec, TrialConfig, UserError, load_spec
@@ -42,11 +42,13 @@ def plan_retrain(spec: Spec, experiment_dir: Path) -> RetrainPlan:
     return RetrainPlan(config, str(best["trial_id"]), float(best[spec.search.metric]))
 
 
-def retrain(experiment_dir: Path, progress: Callable[[str], None] = print) -> Path:
+def retrain(experiment_dir: Path, progress: Callable[[str], None] = print,
+            images: Optional[ImageSet] = None) -> Path:
+    """`images`: the labelled images the search already indexed and checked (else they are read again)."""
     experiment_dir = Path(experiment_dir)
     spec = load_experiment(experiment_dir)
     plan = plan_retrain(spec, experiment_dir)
-    labelled = labelled_images(spec)
+    labelled = images if images is not None else labelled_images(spec)
     progress(f"retrain: trial {plan.trial_id}'s configuration ({spec.search.metric} {plan.trial_value:.4f}) on all "
              f"{len(labelled)} labelled images for {plan.config.epochs} epoch(s)")
     run = TrainingRun(plan.config, labelled.classes, labelled)

@@ -17,7 +17,7 @@ from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 from ray.tune.search.optuna import OptunaSearch
 
 from tuneprod import results
-from tuneprod.data import check_test_images, labelled_images, stratified_split
+from tuneprod.data import ImageSet, check_test_images, labelled_images, stratified_split
 from tuneprod.models import WeightsError, ensure_pretrained_weights
 from tuneprod.space import DefineByRun, sampler
 from tuneprod.spec import EXPERIMENT_SPEC, SearchInterrupted, Spec, UserError
@@ -31,6 +31,7 @@ class SearchOutcome:
     failed: int
     stopped_early: int
     best_value: Optional[float]
+    images: ImageSet  # the readable labelled images, so that the retrain need not scan them again
 
 
 def free_experiment_dir(spec: Spec) -> Spec:
@@ -44,7 +45,7 @@ def free_experiment_dir(spec: Spec) -> Spec:
 
 def run_search(spec: Spec, address: Optional[str] = None,
                progress: Callable[[str], None] = print) -> SearchOutcome:
-    data = _trial_data(spec, progress)
+    images, data = _trial_data(spec, progress)
     spec = free_experiment_dir(spec)
     spec.experiment_dir.mkdir(parents=True, exist_ok=True)
     spec.save(spec.experiment_dir / EXPERIMENT_SPEC)
@@ -62,7 +63,7 @@ def run_search(spec: Spec, address: Optional[str] = None,
             checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
             failure_config=tune.FailureConfig(max_failures=0), verbose=1),
     )
-    return _fit(spec, tuner, progress)
+    return _fit(spec, tuner, images, progress)
 
 
 def resume_search(spec: Spec, address: Optional[str] = None,
@@ -72,15 +73,15 @@ def resume_search(spec: Spec, address: Optional[str] = None,
     experiment_dir = spec.experiment_dir
     if not tune.Tuner.can_restore(str(experiment_dir)):
         raise UserError(f"{experiment_dir}: holds no saved search state to resume; start a new search instead")
-    data = _trial_data(spec, progress)
+    images, data = _trial_data(spec, progress)
     _start_ray(address, progress)
     tuner = tune.Tuner.restore(str(experiment_dir), trainable=_trainable(spec, data, address),
                                resume_unfinished=True, resume_errored=False, restart_errored=False)
     progress(f"tuneprod: resuming the search in {experiment_dir}")
-    return _fit(spec, tuner, progress)
+    return _fit(spec, tuner, images, progress)
 
 
-def _trial_data(spec: Spec, progress: Callable[[str], None]) -> TrialData:
+def _trial_data(spec: Spec, progress: Callable[[str], None]) -> tuple[ImageSet, TrialData]:
     """Everything checked before Ray starts: images, test folder, pretrained weights. The split is seeded, so a
     resumed search validates on the same images."""
     labelled = labelled_images(spec)
@@ -93,9 +94,9 @@ def _trial_data(spec: Spec, progress: Callable[[str], None]) -> TrialData:
         except WeightsError as exc:
             raise WeightsError(f"{spec.path}: {exc}") from None
     progress(f"tuneprod: {len(labelled.classes)} classes, {len(train)} training and {len(val)} validation images")
-    return TrialData(train=train, val=val, image_size=spec.data.image_size,
-                     max_epochs=spec.search.scheduler.max_epochs, seed=spec.search.seed,
-                     workers=spec.dataloader_workers)
+    return labelled, TrialData(train=train, val=val, image_size=spec.data.image_size,
+                               max_epochs=spec.search.scheduler.max_epochs, seed=spec.search.seed,
+                               workers=spec.dataloader_workers)
 
 
 def _trainable(spec: Spec, data: TrialData, address: Optional[str]):
@@ -106,7 +107,7 @@ def _trainable(spec: Spec, data: TrialData, address: Optional[str]):
     return tune.with_resources(tune.with_parameters(train_trial, data=data), resources)
 
 
-def _fit(spec: Spec, tuner: tune.Tuner, progress: Callable[[str], None]) -> SearchOutcome:
+def _fit(spec: Spec, tuner: tune.Tuner, images: ImageSet, progress: Callable[[str], None]) -> SearchOutcome:
     # Each epoch checkpoints and so snapshots the experiment state; with short demo epochs Ray would warn about
     # that on every epoch, though a local snapshot costs milliseconds.
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
@@ -115,7 +116,7 @@ def _fit(spec: Spec, tuner: tune.Tuner, progress: Callable[[str], None]) -> Sear
         if interrupted():  # half-run trials must not be tabled as stopped by ASHA, nor one of them retrained
             raise SearchInterrupted(f"the search was stopped before its trials finished; continue it with: "
                                     f"tuneprod resume {spec.experiment_dir}")
-    return summarise(spec, grid, progress)
+    return summarise(spec, grid, images, progress)
 
 
 @contextlib.contextmanager
@@ -137,7 +138,7 @@ def _noticing_interrupts():
         signal.signal(signal.SIGINT, previous)
 
 
-def summarise(spec: Spec, grid, progress: Callable[[str], None]) -> SearchOutcome:
+def summarise(spec: Spec, grid, images: ImageSet, progress: Callable[[str], None]) -> SearchOutcome:
     names = spec.space.names()
     metric, mode = spec.search.metric, spec.search.direction
     table = results.trials_table(results.records_from_grid(grid, names), names, metric, mode,
@@ -150,9 +151,9 @@ def summarise(spec: Spec, grid, progress: Callable[[str], None]) -> SearchOutcom
     try:
         best = float(results.best_row(table, metric)[metric])
     except ValueError:
-        return SearchOutcome(spec.experiment_dir, len(table), failed, stopped, None)
+        return SearchOutcome(spec.experiment_dir, len(table), failed, stopped, None, images)
     progress(f"tuneprod: best {metric} {best:.4f}; configuration in {spec.experiment_dir / results.BEST_CONFIG}")
-    return SearchOutcome(spec.experiment_dir, len(table), failed, stopped, best)
+    return SearchOutcome(spec.experiment_dir, len(table), failed, stopped, best, images)
 
 
 def _start_ray(address: Optional[str], progress: Callable[[str], None]) -> None:
