@@ -32,7 +32,7 @@ def search(space: PathLike, *, data: Optional[PathLike] = None, test: Optional[P
     overrides = data_overrides(data, test)
     for key, value in (("search.num_samples", num_samples), ("name", name), ("storage", storage)):
         if value is not None:
-            overrides[key] = str(value) if key == "storage" else value
+            overrides[key] = value
     spec = load_spec(space, overrides)
     return _finish(spec, run_search(spec, address=address, progress=progress), retrain, progress)
 

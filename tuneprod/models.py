@@ -13,6 +13,7 @@ from typing import Optional
 
 import timm
 import torch
+from huggingface_hub.utils import logging as hf_logging
 
 from tuneprod.spec import UserError
 
@@ -98,6 +99,9 @@ def _read_state(path: Path) -> dict:
 
 
 def _hub_weights(backbone: str, size_kwargs: dict) -> dict:
+    # The hub client logs each of its retries; the outcome is reported below as one line.
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
     try:
         return timm.create_model(backbone, pretrained=True, **size_kwargs).state_dict()
     except Exception as exc:  # no network, gated repo, no pretrained tag: all mean the same to the user
@@ -105,6 +109,8 @@ def _hub_weights(backbone: str, size_kwargs: dict) -> dict:
             f"space.pretrained: cannot get pretrained weights for {backbone} ({type(exc).__name__}: "
             f"{str(exc).splitlines()[0] if str(exc) else ''}); set pretrained: false, or put {backbone}.safetensors "
             f"in a folder named by $TUNEPROD_WEIGHTS") from None
+    finally:
+        hf_logging.set_verbosity(verbosity)
 
 
 def _match_by_order(state: dict, target: dict, backbone: str) -> dict:
