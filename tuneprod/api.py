@@ -38,14 +38,13 @@ def search(space: PathLike, *, data: Optional[PathLike] = None, test: Optional[P
 
 
 def _finish(spec, outcome, retrain: bool, progress: Callable[[str], None]):
-    from tuneprod.refit import predict_test, retrain as retrain_best
+    from tuneprod.refit import retrain_and_predict
     from tuneprod.spec import UserError
 
     if outcome.best_value is None:
         raise UserError(f"every trial failed; see the error column of {outcome.experiment_dir / 'trials.csv'}")
     if retrain and spec.retrain.enabled:
-        retrain_best(outcome.experiment_dir, progress=progress, images=outcome.images)
-        predict_test(outcome.experiment_dir, progress=progress)
+        retrain_and_predict(outcome.experiment_dir, progress, images=outcome.images)
     return outcome
 
 
@@ -62,11 +61,9 @@ def resume(experiment: PathLike, *, address: Optional[str] = None, retrain: bool
 def retrain(experiment: PathLike, progress: Callable[[str], None] = print) -> Path:
     """Retrains an experiment's best configuration on all labelled data into <experiment>/final (and predicts
     the spec's test images, if any). Returns the model folder."""
-    from tuneprod.refit import predict_test, retrain as retrain_best
+    from tuneprod.refit import retrain_and_predict
 
-    folder = retrain_best(Path(experiment), progress=progress)
-    predict_test(Path(experiment), progress=progress)
-    return folder
+    return retrain_and_predict(Path(experiment), progress)
 
 
 def predict(model: PathLike, images: PathLike, out: PathLike = "predictions.csv", tta: Optional[bool] = None,

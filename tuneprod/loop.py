@@ -53,7 +53,7 @@ def default_device() -> torch.device:
 def predict_logits(model: torch.nn.Module, loader, device: torch.device, tta: bool = False) -> Iterator:
     """Yields (logits, labels) per batch; with tta, logits average the image and its horizontal mirror."""
     model.eval()
-    with torch.inference_mode(), _autocast(device):
+    with torch.inference_mode(), _autocast(amp_dtype(device)):
         for images, labels in loader:
             images = _to_device(images, device)
             logits = model(images).float()
@@ -70,8 +70,7 @@ def amp_dtype(device: torch.device) -> Optional[torch.dtype]:
     return torch.bfloat16 if torch.cuda.is_bf16_supported(including_emulation=False) else torch.float16
 
 
-def _autocast(device: torch.device):
-    dtype = amp_dtype(device)
+def _autocast(dtype: Optional[torch.dtype]):
     return torch.autocast("cuda", dtype=dtype or torch.bfloat16, enabled=dtype is not None)
 
 
@@ -105,7 +104,8 @@ class TrainingRun:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer,
             lambda step: lr_factor(hp.lr_schedule, (step + 1) / steps_per_epoch, config.epochs, hp.warmup_epochs))
-        self.scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype(self.device) == torch.float16)
+        self.amp_dtype = amp_dtype(self.device)  # once: the training loop's hot path needs only the answer
+        self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp_dtype == torch.float16)
         self.mix_rng = np.random.default_rng(config.seed)
         self.epoch = 0
 
@@ -134,7 +134,7 @@ class TrainingRun:
             images, labels = _to_device(images, self.device), labels.to(self.device, non_blocking=True)
             images, targets = mix_batch(images, labels, len(self.classes), hp.mixup_alpha, hp.cutmix_alpha,
                                         hp.mix_prob, self.mix_rng)
-            with _autocast(self.device):
+            with _autocast(self.amp_dtype):
                 loss = F.cross_entropy(model(images).float(), targets, label_smoothing=hp.label_smoothing)
             if not torch.isfinite(loss):
                 raise NonFiniteLoss(f"the training loss became {loss.item()} at epoch {self.epoch + 1} "

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Callable, Optional
 
 import torch
+
 from tuneprod import artifact, results
 from tuneprod.data import ImageSet, check_test_images, labelled_images
 from tuneprod.inference import PredictionReport, predict
@@ -42,11 +43,19 @@ def plan_retrain(spec: Spec, experiment_dir: Path) -> RetrainPlan:
     return RetrainPlan(config, str(best["trial_id"]), float(best[spec.search.metric]))
 
 
-def retrain(experiment_dir: Path, progress: Callable[[str], None] = print,
-            images: Optional[ImageSet] = None) -> Path:
-    """`images`: the labelled images the search already indexed and checked (else they are read again)."""
+def retrain_and_predict(experiment_dir: Path, progress: Callable[[str], None] = print,
+                        images: Optional[ImageSet] = None) -> Path:
+    """Retrains the experiment's best configuration into final/, then predicts data.test when it is set.
+    `images`: the labelled images the search already indexed and checked (else they are read again)."""
     experiment_dir = Path(experiment_dir)
     spec = load_experiment(experiment_dir)
+    folder = retrain(spec, experiment_dir, progress, images)
+    predict_test(spec, experiment_dir, progress)
+    return folder
+
+
+def retrain(spec: Spec, experiment_dir: Path, progress: Callable[[str], None],
+            images: Optional[ImageSet]) -> Path:
     plan = plan_retrain(spec, experiment_dir)
     labelled = images if images is not None else labelled_images(spec)
     progress(f"retrain: trial {plan.trial_id}'s configuration ({spec.search.metric} {plan.trial_value:.4f}) on all "
@@ -68,10 +77,9 @@ def retrain(experiment_dir: Path, progress: Callable[[str], None] = print,
     return folder
 
 
-def predict_test(experiment_dir: Path, progress: Callable[[str], None] = print) -> Optional[PredictionReport]:
+def predict_test(spec: Spec, experiment_dir: Path,
+                 progress: Callable[[str], None]) -> Optional[PredictionReport]:
     """Predicts data.test with the retrained model, when the spec names test images."""
-    experiment_dir = Path(experiment_dir)
-    spec = load_experiment(experiment_dir)
     if spec.data.test_path is None:
         return None
     check_test_images(spec)
