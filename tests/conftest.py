@@ -1,9 +1,16 @@
-"""Fixtures: a tiny generated image folder."""
+"""Fixtures: a tiny generated image folder; the decoded-image cache kept out of the user's home."""
+import os
 from pathlib import Path
 
 import pytest
 
 from tests.helpers import write_image_folder
+
+
+@pytest.fixture(autouse=True, scope="session")
+def decoded_cache_in_tmp(tmp_path_factory):
+    # Session-wide, so module-scoped fixtures (and the Ray workers the e2e tests start) see it too.
+    os.environ["TUNEPROD_CACHE"] = str(tmp_path_factory.mktemp("decoded_cache"))
 
 
 @pytest.fixture

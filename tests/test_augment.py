@@ -3,8 +3,7 @@ import numpy as np
 import pytest
 import torch
 
-from tuneprod.augment import eval_transform, mix_batch, reseed_worker_transform, train_transform
-from tuneprod.data import ImageDataset, ImageSet
+from tuneprod.augment import mix_batch, reseed_worker_transform, train_transform
 from tuneprod.spec import AUGMENT_POLICIES
 
 MEAN, STD = (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)
@@ -20,7 +19,7 @@ def test_every_policy_gives_a_normalised_tensor_of_the_requested_size(policy):
 
 def test_policies_differ_in_strength():
     image = np.random.default_rng(0).integers(0, 256, (32, 32, 3), dtype=np.uint8)
-    reference = eval_transform(32, MEAN, STD)(image=image)["image"]
+    reference = train_transform("none", 32, MEAN, STD)(image=image)["image"]
 
     def mean_change(policy):
         transform = train_transform(policy, 32, MEAN, STD)
@@ -83,17 +82,24 @@ def test_mix_prob_zero_never_mixes():
     assert torch.equal(out, images)
 
 
-def test_loader_workers_do_not_repeat_each_others_augmentations(tmp_path):
-    from PIL import Image
+class _SameImage(torch.utils.data.Dataset):
+    def __init__(self, transform):
+        self.transform = transform
+        self.image = np.random.default_rng(0).integers(0, 256, (40, 40, 3), dtype=np.uint8)
 
-    path = tmp_path / "same.png"
-    Image.fromarray(np.random.default_rng(0).integers(0, 256, (40, 40, 3), dtype=np.uint8)).save(path)
-    dataset = ImageDataset(ImageSet((path,) * 4, (0,) * 4, ("a",)), train_transform("heavy", 32, MEAN, STD, seed=0))
+    def __len__(self):
+        return 4
+
+    def __getitem__(self, index):
+        return self.transform(image=self.image)["image"]
+
+
+def test_loader_workers_do_not_repeat_each_others_augmentations():
+    dataset = _SameImage(train_transform("heavy", 32, MEAN, STD, seed=0))
 
     def first_two(init_fn):
-        loader = torch.utils.data.DataLoader(dataset, batch_size=1, num_workers=2, worker_init_fn=init_fn,
-                                             generator=torch.Generator().manual_seed(0))
-        batches = [images for images, _ in loader]
+        loader = torch.utils.data.DataLoader(dataset, batch_size=1, num_workers=2, worker_init_fn=init_fn)
+        batches = list(loader)
         return batches[0], batches[1]  # samples 0 and 1 come from different workers
 
     assert torch.equal(*first_two(None))  # the problem: copies of one random state

@@ -7,7 +7,7 @@ import pytest
 from PIL import Image
 
 from tests.helpers import write_image_folder
-from tuneprod.data import DataError, index_images, load_rgb, stratified_split, without_unreadable
+from tuneprod.data import DataError, decode_resized, index_images, load_rgb, stratified_split
 
 
 def test_folder_index_labels_by_sorted_class_folder(image_folder):
@@ -61,24 +61,6 @@ def test_single_class_is_an_error(tmp_path):
         index_images(root)
 
 
-def test_unreadable_images_are_listed_once_and_skipped(image_folder, capsys):
-    broken = image_folder / "red" / "broken.jpg"
-    broken.write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
-    truncated = image_folder / "green" / "truncated.png"
-    truncated.write_bytes((image_folder / "green" / "0.png").read_bytes()[:60])
-    image_set = without_unreadable(index_images(image_folder))
-    assert len(image_set) == 18 and broken not in image_set.paths and truncated not in image_set.paths
-    warning = capsys.readouterr().err
-    assert warning.count("warning") == 1 and str(broken) in warning and str(truncated) in warning
-
-
-def test_unreadable_images_that_empty_a_class_are_an_error(image_folder):
-    for f in list((image_folder / "blue").iterdir())[1:]:
-        f.write_bytes(b"garbage")
-    with pytest.raises(DataError, match="blue"):
-        without_unreadable(index_images(image_folder))
-
-
 def test_stratified_split_is_seeded_and_keeps_every_class_on_both_sides(tmp_path):
     image_set = index_images(write_image_folder(tmp_path / "i", per_class=10))
     train, val = stratified_split(image_set, 0.2, seed=1)
@@ -112,3 +94,12 @@ def test_transparent_background_becomes_white(tmp_path):
     path = tmp_path / "t.png"
     Image.new("RGBA", (4, 4), (0, 0, 0, 0)).save(path)
     assert (load_rgb(path) == 255).all()
+
+
+@pytest.mark.parametrize("shape", [(300, 200), (20, 30), (64, 64)])
+def test_decode_resized_gives_the_square_training_size(tmp_path, shape):
+    path = tmp_path / "photo.jpg"
+    Image.fromarray(np.full((*shape, 3), 128, dtype=np.uint8)).save(path, quality=95)
+    pixels = decode_resized(path, 64)
+    assert pixels.shape == (64, 64, 3) and pixels.dtype == np.uint8
+    assert abs(int(pixels.mean()) - 128) <= 2  # a reduced-scale JPEG decode keeps the content

@@ -8,6 +8,7 @@ import torch
 
 from tests.helpers import write_image_folder
 from tuneprod import artifact
+from tuneprod.cache import decoded
 from tuneprod.data import DataError, index_images
 from tuneprod.loop import TrainingRun
 from tuneprod.inference import predict
@@ -17,7 +18,7 @@ from tuneprod.spec import Hyperparams, TrialConfig
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     root = tmp_path_factory.mktemp("p")
-    image_set = index_images(write_image_folder(root / "train", per_class=8))
+    image_set = decoded(index_images(write_image_folder(root / "train", per_class=8)), 32)
     config = TrialConfig(Hyperparams(backbone="test_efficientnet", batch_size=8, lr=5e-3, dropout=0.1),
                          image_size=32, epochs=4)
     run = TrainingRun(config, image_set.classes, image_set)

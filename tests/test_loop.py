@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from tests.helpers import write_image_folder
+from tuneprod.cache import decoded
 from tuneprod.data import index_images, stratified_split
 from tuneprod.loop import NonFiniteLoss, TrainingRun, build_optimizer, lr_factor
 from tuneprod.spec import Hyperparams, TrialConfig
@@ -37,14 +38,16 @@ def test_optimizers():
 
 
 def small_run(tmp_path, **hyperparams):
-    image_set = index_images(write_image_folder(tmp_path / "images", per_class=8))
+    image_set = decoded(index_images(write_image_folder(tmp_path / "images", per_class=8)), 32)
     train, val = stratified_split(image_set, 0.25, seed=0)
     hp = Hyperparams(**{"backbone": "test_resnet", "batch_size": 8, "lr": 3e-3, **hyperparams})
     return TrainingRun(TrialConfig(hp, image_size=32, epochs=3), image_set.classes, train, val)
 
 
-def test_one_trial_trains_by_itself(tmp_path):
-    run = small_run(tmp_path, augment="medium", mixup_alpha=0.2, label_smoothing=0.1, warmup_epochs=1)
+@pytest.mark.parametrize("augment_device", ["gpu", "cpu"])
+def test_one_trial_trains_by_itself(tmp_path, augment_device):
+    run = small_run(tmp_path, augment="medium", mixup_alpha=0.2, label_smoothing=0.1, warmup_epochs=1,
+                    augment_device=augment_device)
     history = [run.step() for _ in range(3)]
     assert [h["epoch"] for h in history] == [1, 2, 3]
     for h in history:

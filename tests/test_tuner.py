@@ -77,3 +77,27 @@ def test_pretrained_backbones_are_those_a_trial_may_load_weights_for():
     assert spec_of(space={"backbone": {"choice": ["resnet34", "resnet18"]}, "pretrained": True}) \
         .pretrained_backbones() == ["resnet18", "resnet34"]
     assert spec_of(space={"pretrained": {"choice": [False, True]}}).pretrained_backbones() == ["resnet18"]
+
+
+def test_packed_resources_give_each_trial_its_share_of_a_gpu():
+    import pickle
+
+    from tuneprod.packing import PackingTable, ProbePoint
+    from tuneprod.tuner import PackedResources
+
+    points = [ProbePoint(b, ips, b * 2**26) for b, ips in ((32, 680), (64, 1300), (128, 2475), (256, 2900))]
+    packed = pickle.loads(pickle.dumps(PackedResources(PackingTable("H200", 141 * 2**30, {"efficientnet_b2": points}),
+                                                       cpus_per_trial=2, cpus_per_gpu=16)))
+
+    def share(config):
+        return packed(config).required_resources
+
+    assert share({"backbone": "efficientnet_b2", "batch_size": 32}) == {"CPU": 2, "GPU": 0.25}
+    assert share({"backbone": "efficientnet_b2", "batch_size": 128}) == {"CPU": 2, "GPU": 1}
+    assert share({"backbone": "resnet50", "batch_size": 32}) == {"CPU": 2, "GPU": 1}  # not measured
+
+
+def test_search_values_include_start_points():
+    spec = spec_of(space={"batch_size": {"int": [32, 64]}}, search={"start_from": [{"batch_size": 48}]})
+    assert spec.search_values("batch_size") == [32, 48, 64]
+    assert spec.search_values("backbone") == ["resnet18"]  # the default, when the space leaves it out

@@ -1,5 +1,5 @@
-"""Labelled image sets: indexing a class-per-folder tree or a manifest, the unreadable-image scan, the
-stratified split, and the torch Dataset that loads RGB images for training."""
+"""Labelled image sets: indexing a class-per-folder tree or a manifest, the stratified split, and decoding an
+image file to the pixels a model sees (`decode_resized`), which the decoded cache and prediction share."""
 from __future__ import annotations
 
 import os
@@ -7,13 +7,13 @@ import sys
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Optional, Sequence
+from typing import Optional, Sequence
 
+import cv2
 import numpy as np
 import torch
 from PIL import Image, ImageOps
 
-from tuneprod.demo import generate_demo
 from tuneprod.spec import Spec, UserError
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
@@ -141,18 +141,6 @@ def warn_unreadable(unreadable: Sequence[Path]) -> None:
         print(f"tuneprod: warning: skipping {len(unreadable)} unreadable image(s):\n{listing}", file=sys.stderr)
 
 
-def without_unreadable(image_set: ImageSet, field: str = "data.train") -> ImageSet:
-    """Drops images that fail to decode, after one warning listing them."""
-    unreadable = set(find_unreadable(image_set.paths))
-    if not unreadable:
-        return image_set
-    warn_unreadable(sorted(unreadable))
-    kept = [i for i, p in enumerate(image_set.paths) if p not in unreadable]
-    cleaned = image_set.subset(kept)
-    check_class_sizes(cleaned, field)
-    return cleaned
-
-
 def stratified_split(image_set: ImageSet, val_fraction: float, seed: int) -> tuple[ImageSet, ImageSet]:
     """Per class, a seeded shuffle puts round(n * val_fraction) images (at least 1, at most n - 1) in validation."""
     rng = np.random.default_rng(seed)
@@ -166,9 +154,13 @@ def stratified_split(image_set: ImageSet, val_fraction: float, seed: int) -> tup
     return image_set.subset(sorted(train)), image_set.subset(sorted(val))
 
 
-def load_rgb(path: Path) -> np.ndarray:
-    """Any mode (grey, palette, RGBA, CMYK, 16-bit) to an HxWx3 uint8 array, honouring EXIF orientation."""
+def load_rgb(path: Path, at_least: Optional[int] = None) -> np.ndarray:
+    """Any mode (grey, palette, RGBA, CMYK, 16-bit) to an HxWx3 uint8 array, honouring EXIF orientation.
+    `at_least`: a JPEG may be decoded at 1/2, 1/4 or 1/8 scale (libjpeg's scaled IDCT, much faster) as long as
+    both sides stay >= this many pixels."""
     with Image.open(path) as image:
+        if at_least:
+            image.draft("RGB", (at_least, at_least))
         image = ImageOps.exif_transpose(image)
         if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
             # Composite on white: a transparent background otherwise becomes arbitrary colours.
@@ -180,21 +172,15 @@ def load_rgb(path: Path) -> np.ndarray:
         return np.asarray(image.convert("RGB"))
 
 
-def labelled_images(spec: Spec) -> ImageSet:
-    """The training images, with the demo set generated on first use and unreadable files dropped (warned)."""
-    if spec.data.demo is not None and spec.data.train is None and not spec.data.train_path.exists():
-        print(f"tuneprod: generating the demo product set in {spec.data.demo}")
-        try:
-            generate_demo(spec.data.demo, size=spec.data.image_size)
-        except FileExistsError:
-            raise DataError(f"{spec.path}: data.demo: the folder {spec.data.demo} holds other files but no train/; "
-                            f"point data.demo at a new folder") from None
-    try:
-        image_set = index_images(spec.data.train_path, "data.train")
-        print(f"tuneprod: checking that the {len(image_set)} images in {spec.data.train_path} decode")
-        return without_unreadable(image_set, "data.train")
-    except DataError as exc:
-        raise DataError(f"{spec.path}: {exc}") from None
+def decode_resized(path: Path, size: int) -> np.ndarray:
+    """The image as a model sees it: size x size x 3 uint8, squashed to a square (a product photo's whole frame
+    matters more than its aspect ratio). Training (through the decoded cache) and prediction both read images
+    through this one function, so they see the same pixels."""
+    pixels = load_rgb(path, at_least=size)
+    if pixels.shape[:2] == (size, size):
+        return pixels
+    shrinking = pixels.shape[0] >= size and pixels.shape[1] >= size
+    return cv2.resize(pixels, (size, size), interpolation=cv2.INTER_AREA if shrinking else cv2.INTER_LINEAR)
 
 
 def check_test_images(spec: Spec) -> None:
@@ -204,16 +190,14 @@ def check_test_images(spec: Spec) -> None:
                         f"to predict")
 
 
-class ImageDataset(torch.utils.data.Dataset):
-    """Loads an image as RGB and applies an albumentations-style transform (image=HxWx3 uint8 -> CxHxW tensor)."""
+class ResizedImages(torch.utils.data.Dataset):
+    """Image files as decode_resized gives them (size x size x 3 uint8), for prediction."""
 
-    def __init__(self, image_set: ImageSet, transform: Callable[..., dict]):
-        self.image_set = image_set
-        self.transform = transform
+    def __init__(self, paths: Sequence[Path], size: int):
+        self.paths, self.size = paths, size
 
     def __len__(self) -> int:
-        return len(self.image_set)
+        return len(self.paths)
 
-    def __getitem__(self, index: int):
-        image = self.transform(image=load_rgb(self.image_set.paths[index]))["image"]
-        return image, self.image_set.labels[index]
+    def __getitem__(self, index: int) -> torch.Tensor:
+        return torch.from_numpy(decode_resized(self.paths[index], self.size))

@@ -9,9 +9,8 @@ import pandas as pd
 import torch
 
 from tuneprod import artifact
-from tuneprod.augment import eval_transform
-from tuneprod.data import IMAGE_EXTENSIONS, DataError, ImageDataset, ImageSet, find_unreadable, list_images, \
-    warn_unreadable
+from tuneprod.batch_augment import normalise
+from tuneprod.data import IMAGE_EXTENSIONS, DataError, ResizedImages, find_unreadable, list_images, warn_unreadable
 from tuneprod.files import atomic_write
 from tuneprod.loop import default_device, predict_logits
 
@@ -39,12 +38,13 @@ def predict(model_dir: Path, images: Path, out: Path, tta: Optional[bool] = None
         raise DataError(f"{images}: no readable images to predict")
     prep = metadata["preprocessing"]
     classes = tuple(metadata["classes"])
-    dataset = ImageDataset(ImageSet(tuple(paths), (0,) * len(paths), classes),
-                           eval_transform(prep["image_size"], prep["mean"], prep["std"]))
-    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=workers)
+    loader = torch.utils.data.DataLoader(ResizedImages(paths, prep["image_size"]), batch_size=batch_size,
+                                         num_workers=workers, pin_memory=device.type == "cuda")
+    batches = ((normalise(pixels.to(device, non_blocking=True), prep["mean"], prep["std"]), None)
+               for pixels in loader)
     use_tta = metadata.get("tta", False) if tta is None else tta
     probabilities = []
-    for logits, _ in predict_logits(model, loader, device, tta=use_tta):
+    for logits, _ in predict_logits(model, batches, device, tta=use_tta):
         probabilities.append(logits.softmax(1).cpu())
         done = sum(len(p) for p in probabilities)
         if len(probabilities) % 20 == 0 or done == len(paths):

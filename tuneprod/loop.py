@@ -3,15 +3,16 @@ from __future__ import annotations
 
 import math
 import time
-from typing import Iterator, Optional
+from typing import Iterable, Iterator, Optional
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from tuneprod.augment import eval_transform, mix_batch, reseed_worker_transform, train_transform
-from tuneprod.data import ImageDataset, ImageSet
+from tuneprod.augment import mix_batch
+from tuneprod.cache import DecodedImages
 from tuneprod.models import create_model, preprocessing
+from tuneprod.pipeline import evaluation_batches, training_batches
 from tuneprod.spec import Hyperparams, TrialConfig
 
 
@@ -50,12 +51,12 @@ def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def predict_logits(model: torch.nn.Module, loader, device: torch.device, tta: bool = False) -> Iterator:
-    """Yields (logits, labels) per batch; with tta, logits average the image and its horizontal mirror."""
+def predict_logits(model: torch.nn.Module, batches: Iterable, device: torch.device, tta: bool = False) -> Iterator:
+    """Yields (logits, labels) per batch of model-ready images on `device`; with tta, logits average the image and
+    its horizontal mirror."""
     model.eval()
-    with torch.inference_mode(), _autocast(amp_dtype(device)):
-        for images, labels in loader:
-            images = _to_device(images, device)
+    with torch.inference_mode(), autocast(amp_dtype(device)):
+        for images, labels in batches:
             logits = model(images).float()
             if tta:
                 logits = (logits + model(torch.flip(images, dims=[3])).float()) / 2
@@ -70,20 +71,15 @@ def amp_dtype(device: torch.device) -> Optional[torch.dtype]:
     return torch.bfloat16 if torch.cuda.is_bf16_supported(including_emulation=False) else torch.float16
 
 
-def _autocast(dtype: Optional[torch.dtype]):
+def autocast(dtype: Optional[torch.dtype]):
     return torch.autocast("cuda", dtype=dtype or torch.bfloat16, enabled=dtype is not None)
-
-
-def _to_device(images: torch.Tensor, device: torch.device) -> torch.Tensor:
-    images = images.to(device, non_blocking=True)
-    return images.contiguous(memory_format=torch.channels_last) if device.type == "cuda" else images
 
 
 class TrainingRun:
     """A model, its optimizer and data, advanced one epoch at a time (`step`) for `config.epochs` epochs."""
 
-    def __init__(self, config: TrialConfig, classes: tuple[str, ...], train: ImageSet,
-                 val: Optional[ImageSet] = None, device: Optional[torch.device] = None):
+    def __init__(self, config: TrialConfig, classes: tuple[str, ...], train: DecodedImages,
+                 val: Optional[DecodedImages] = None, device: Optional[torch.device] = None):
         torch.manual_seed(config.seed)
         self.config, self.classes = config, classes
         self.device = device or default_device()
@@ -95,12 +91,11 @@ class TrainingRun:
             self.model.to(memory_format=torch.channels_last)
         mean, std = self.preprocessing["mean"], self.preprocessing["std"]
         self.batch_size = min(hp.batch_size, len(train))
-        augment = train_transform(hp.augment, config.image_size, mean, std, seed=config.seed)
-        self.train_loader = self._loader(ImageDataset(train, augment), shuffle=True)
-        self.val_loader = None if val is None else self._loader(
-            ImageDataset(val, eval_transform(config.image_size, mean, std)), shuffle=False)
+        self.train_batches = training_batches(train, config, self.batch_size, mean, std, self.device)
+        self.val_batches = None if val is None else evaluation_batches(val, self.batch_size * 2, mean, std,
+                                                                       self.device)
         self.optimizer = build_optimizer(self.model, hp)
-        steps_per_epoch = len(self.train_loader)
+        steps_per_epoch = len(self.train_batches)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer,
             lambda step: lr_factor(hp.lr_schedule, (step + 1) / steps_per_epoch, config.epochs, hp.warmup_epochs))
@@ -109,19 +104,10 @@ class TrainingRun:
         self.mix_rng = np.random.default_rng(config.seed)
         self.epoch = 0
 
-    def _loader(self, dataset: ImageDataset, shuffle: bool) -> torch.utils.data.DataLoader:
-        workers = self.config.workers
-        return torch.utils.data.DataLoader(
-            dataset, batch_size=self.batch_size if shuffle else self.batch_size * 2, shuffle=shuffle,
-            # Dropping the ragged last batch keeps BatchNorm away from a batch of one.
-            drop_last=shuffle, num_workers=workers, persistent_workers=workers > 0,
-            worker_init_fn=reseed_worker_transform if shuffle and workers > 0 else None,
-            pin_memory=self.device.type == "cuda", generator=torch.Generator().manual_seed(self.config.seed))
-
     def step(self) -> dict:
         """Trains one epoch, then evaluates on the validation set when there is one."""
         metrics = self.train_epoch()
-        if self.val_loader is not None:
+        if self.val_batches is not None:
             metrics.update(self.evaluate())
         self.epoch += 1
         return {"epoch": self.epoch, **metrics}
@@ -130,11 +116,10 @@ class TrainingRun:
         hp, model = self.config.hp, self.model
         model.train()
         total_loss, seen, started = 0.0, 0, time.perf_counter()
-        for images, labels in self.train_loader:
-            images, labels = _to_device(images, self.device), labels.to(self.device, non_blocking=True)
+        for images, labels in self.train_batches.epoch(self.epoch):
             images, targets = mix_batch(images, labels, len(self.classes), hp.mixup_alpha, hp.cutmix_alpha,
                                         hp.mix_prob, self.mix_rng)
-            with _autocast(self.amp_dtype):
+            with autocast(self.amp_dtype):
                 loss = F.cross_entropy(model(images).float(), targets, label_smoothing=hp.label_smoothing)
             if not torch.isfinite(loss):
                 raise NonFiniteLoss(f"the training loss became {loss.item()} at epoch {self.epoch + 1} "
@@ -152,7 +137,7 @@ class TrainingRun:
 
     def evaluate(self) -> dict:
         total_loss, correct, seen = 0.0, 0, 0
-        for logits, labels in predict_logits(self.model, self.val_loader, self.device):
+        for logits, labels in predict_logits(self.model, self.val_batches.epoch(), self.device):
             labels = labels.to(self.device)
             total_loss += F.cross_entropy(logits, labels, reduction="sum").item()
             correct += (logits.argmax(1) == labels).sum().item()

@@ -13,7 +13,8 @@ from typing import Callable, Optional
 import torch
 
 from tuneprod import artifact, results
-from tuneprod.data import ImageSet, check_test_images, labelled_images
+from tuneprod.cache import DecodedImages, labelled_images
+from tuneprod.data import check_test_images
 from tuneprod.inference import PredictionReport, predict
 from tuneprod.loop import NonFiniteLoss, TrainingRun
 from tuneprod.spec import EXPERIMENT_SPEC, Hyperparams, Spec, TrialConfig, UserError, load_spec
@@ -44,9 +45,10 @@ def plan_retrain(spec: Spec, experiment_dir: Path) -> RetrainPlan:
 
 
 def retrain_and_predict(experiment_dir: Path, progress: Callable[[str], None] = print,
-                        images: Optional[ImageSet] = None) -> Path:
+                        images: Optional[DecodedImages] = None) -> Path:
     """Retrains the experiment's best configuration into final/, then predicts data.test when it is set.
-    `images`: the labelled images the search already indexed and checked (else they are read again)."""
+    `images`: the labelled images the search already indexed and decoded (else they are indexed again, and the
+    decoded cache found again)."""
     experiment_dir = Path(experiment_dir)
     spec = load_experiment(experiment_dir)
     folder = retrain(spec, experiment_dir, progress, images)
@@ -55,9 +57,9 @@ def retrain_and_predict(experiment_dir: Path, progress: Callable[[str], None] = 
 
 
 def retrain(spec: Spec, experiment_dir: Path, progress: Callable[[str], None],
-            images: Optional[ImageSet]) -> Path:
+            images: Optional[DecodedImages]) -> Path:
     plan = plan_retrain(spec, experiment_dir)
-    labelled = images if images is not None else labelled_images(spec)
+    labelled = images if images is not None else labelled_images(spec, progress)
     progress(f"retrain: trial {plan.trial_id}'s configuration ({spec.search.metric} {plan.trial_value:.4f}) on all "
              f"{len(labelled)} labelled images for {plan.config.epochs} epoch(s)")
     run = TrainingRun(plan.config, labelled.classes, labelled)

@@ -32,6 +32,9 @@ class SearchInterrupted(UserError):
 
 
 AUGMENT_POLICIES = ("none", "light", "medium", "heavy", "viewpoint")
+# gpu: whole batches augmented on the trial's device (its GPU, or its CPU when it has none);
+# cpu: per image with albumentations in DataLoader workers.
+AUGMENT_DEVICES = ("gpu", "cpu")
 OPTIMIZERS = ("adamw", "adam", "sgd")
 LR_SCHEDULES = ("cosine", "step", "exponential", "constant")
 DISTRIBUTIONS = ("choice", "uniform", "loguniform", "int")
@@ -45,6 +48,7 @@ class Hyperparams:
     backbone: str = "resnet18"
     pretrained: bool = False
     augment: str = "light"
+    augment_device: str = "gpu"
     optimizer: str = "adamw"
     lr: float = 1e-3
     lr_schedule: str = "cosine"
@@ -117,6 +121,7 @@ PARAMS: dict[str, Param] = {
     "backbone": Param(str),
     "pretrained": Param(bool),
     "augment": Param(str, choices=AUGMENT_POLICIES),
+    "augment_device": Param(str, choices=AUGMENT_DEVICES),
     "optimizer": Param(str, choices=OPTIMIZERS),
     "lr": Param(float, gt=0, le=10),
     "lr_schedule": Param(str, choices=LR_SCHEDULES),
@@ -156,6 +161,8 @@ class DataSpec(_Strict):
     val_fraction: float = Field(0.2, gt=0, lt=1)
     image_size: int = Field(224, ge=16, le=2048)
     workers: Optional[int] = Field(None, ge=0)
+    # The decoded-image cache, on node-local disk; default $TUNEPROD_CACHE or ~/.cache/tuneprod.
+    cache_dir: Optional[Path] = None
 
     @model_validator(mode="after")
     def _train_or_demo(self):
@@ -301,12 +308,14 @@ class Spec:
         return dataclasses.replace(self, name=name, storage=storage,
                                    document={**self.document, "name": name, "storage": str(storage)})
 
+    def search_values(self, name: str) -> list:
+        """Every value of a parameter that the space or a start_from point can give a trial (for a range: its
+        ends)."""
+        return sorted(set(self.space.values_of(name)) | {p[name] for p in self.search.start_from if name in p})
+
     def pretrained_backbones(self) -> list[str]:
         """The backbones some trial may train from pretrained weights."""
-        points = self.search.start_from
-        if True not in self.space.values_of("pretrained") and not any(p.get("pretrained") for p in points):
-            return []
-        return sorted(set(self.space.values_of("backbone")) | {p["backbone"] for p in points if "backbone" in p})
+        return self.search_values("backbone") if True in self.search_values("pretrained") else []
 
     @property
     def dataloader_workers(self) -> int:
@@ -371,7 +380,8 @@ def spec_from_dict(raw: dict, path: Path) -> Spec:
         search = doc.search.model_copy(update={"start_from": check_start_points(doc.search.start_from, space)})
     except ValueError as exc:
         raise SpecError(f"{path}: {exc}") from None
-    data = doc.data.model_copy(update={k: _absolute(getattr(doc.data, k)) for k in ("train", "test", "demo")})
+    data = doc.data.model_copy(update={k: _absolute(getattr(doc.data, k))
+                                       for k in ("train", "test", "demo", "cache_dir")})
     name, storage = doc.name or path.stem, _absolute(doc.storage)
     document = doc.model_copy(update={"data": data, "name": name, "storage": storage}).model_dump(
         mode="json", exclude_none=True)

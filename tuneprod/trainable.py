@@ -1,6 +1,7 @@
 """The one place a trial meets Ray: a config dict in, one `tune.report` (with a checkpoint) per epoch out."""
 from __future__ import annotations
 
+import gc
 import logging
 import tempfile
 from dataclasses import dataclass
@@ -10,7 +11,7 @@ import ray
 import torch
 from ray import tune
 
-from tuneprod.data import ImageSet
+from tuneprod.cache import DecodedImages
 from tuneprod.loop import TrainingRun
 from tuneprod.spec import Hyperparams, TrialConfig
 
@@ -21,8 +22,8 @@ STATE_FILE = "state.pt"
 class TrialData:
     """What every trial shares, handed over once through Ray's object store by `tune.with_parameters`."""
 
-    train: ImageSet
-    val: ImageSet
+    train: DecodedImages  # rows of the decoded cache: a few bytes each, the pixels stay on disk
+    val: DecodedImages
     image_size: int
     max_epochs: int
     seed: int
@@ -38,12 +39,20 @@ def train_trial(config: dict, data: TrialData) -> None:
     # with the trials that were given it.
     device = torch.device("cuda" if ray.get_gpu_ids() else "cpu")
     run = TrainingRun(trial_config, data.train.classes, data.train, data.val, device)
-    checkpoint = tune.get_checkpoint()
-    if checkpoint:  # a restored experiment or a retried trial resumes where it stopped
-        with checkpoint.as_directory() as folder:
-            run.load_state_dict(torch.load(Path(folder) / STATE_FILE, weights_only=True))
-    while run.epoch < trial_config.epochs:
-        metrics = run.step()
-        with tempfile.TemporaryDirectory() as folder:
-            torch.save(run.state_dict(), Path(folder) / STATE_FILE)
-            tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(folder))
+    try:
+        checkpoint = tune.get_checkpoint()
+        if checkpoint:  # a restored experiment or a retried trial resumes where it stopped
+            with checkpoint.as_directory() as folder:
+                run.load_state_dict(torch.load(Path(folder) / STATE_FILE, weights_only=True))
+        while run.epoch < trial_config.epochs:
+            metrics = run.step()
+            with tempfile.TemporaryDirectory() as folder:
+                torch.save(run.state_dict(), Path(folder) / STATE_FILE)
+                tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(folder))
+    finally:
+        # A trial ASHA stops leaves through tune.report; its memory goes back to the GPU now, for the trials
+        # packed beside it, not when Ray gets round to ending the process.
+        del run
+        if device.type == "cuda":
+            gc.collect()
+            torch.cuda.empty_cache()

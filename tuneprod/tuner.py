@@ -17,10 +17,12 @@ from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 from ray.tune.search.optuna import OptunaSearch
 
 from tuneprod import results
-from tuneprod.data import ImageSet, check_test_images, labelled_images, stratified_split
+from tuneprod.cache import DecodedImages, default_root, labelled_images
+from tuneprod.data import check_test_images, stratified_split
 from tuneprod.models import WeightsError, ensure_pretrained_weights
+from tuneprod.packing import PROBE_RECORD, PackingTable, measure_gpu
 from tuneprod.space import DefineByRun, sampler
-from tuneprod.spec import EXPERIMENT_SPEC, SearchInterrupted, Spec, UserError
+from tuneprod.spec import EXPERIMENT_SPEC, Hyperparams, SearchInterrupted, Spec, UserError
 from tuneprod.trainable import TrialData, train_trial
 
 
@@ -31,7 +33,7 @@ class SearchOutcome:
     failed: int
     stopped_early: int
     best_value: Optional[float]
-    images: ImageSet  # the readable labelled images, so that the retrain need not scan them again
+    images: DecodedImages  # the readable labelled images, so that the retrain need not index them again
 
 
 def free_experiment_dir(spec: Spec) -> Spec:
@@ -52,11 +54,14 @@ def run_search(spec: Spec, address: Optional[str] = None,
     progress(f"tuneprod: results go to {spec.experiment_dir}")
     _start_ray(address, progress)
     tuner = tune.Tuner(
-        _trainable(spec, data, address),
+        _trainable(spec, data, address, progress),
         tune_config=tune.TuneConfig(search_alg=_searcher(spec), scheduler=_scheduler(spec),
                                     num_samples=spec.search.num_samples,
                                     max_concurrent_trials=spec.search.max_concurrent_trials,
                                     time_budget_s=spec.search.time_budget_s,
+                                    # A stopped trial's process exits, and so returns its GPU memory to the
+                                    # trials after it (a reused actor keeps torch's cached blocks: ray #23971).
+                                    reuse_actors=False,
                                     trial_dirname_creator=lambda trial: f"trial_{trial.trial_id}"),
         run_config=tune.RunConfig(
             name=spec.name, storage_path=str(spec.storage),
@@ -75,16 +80,16 @@ def resume_search(spec: Spec, address: Optional[str] = None,
         raise UserError(f"{experiment_dir}: holds no saved search state to resume; start a new search instead")
     images, data = _trial_data(spec, progress)
     _start_ray(address, progress)
-    tuner = tune.Tuner.restore(str(experiment_dir), trainable=_trainable(spec, data, address),
+    tuner = tune.Tuner.restore(str(experiment_dir), trainable=_trainable(spec, data, address, progress),
                                resume_unfinished=True, resume_errored=False, restart_errored=False)
     progress(f"tuneprod: resuming the search in {experiment_dir}")
     return _fit(spec, tuner, images, progress)
 
 
-def _trial_data(spec: Spec, progress: Callable[[str], None]) -> tuple[ImageSet, TrialData]:
+def _trial_data(spec: Spec, progress: Callable[[str], None]) -> tuple[DecodedImages, TrialData]:
     """Everything checked before Ray starts: images, test folder, pretrained weights. The split is seeded, so a
     resumed search validates on the same images."""
-    labelled = labelled_images(spec)
+    labelled = labelled_images(spec, progress)
     check_test_images(spec)
     train, val = stratified_split(labelled, spec.data.val_fraction, spec.search.seed)
     for backbone in spec.pretrained_backbones():
@@ -99,15 +104,56 @@ def _trial_data(spec: Spec, progress: Callable[[str], None]) -> tuple[ImageSet, 
                                workers=spec.dataloader_workers)
 
 
-def _trainable(spec: Spec, data: TrialData, address: Optional[str]):
+def _trainable(spec: Spec, data: TrialData, address: Optional[str], progress: Callable[[str], None]):
     cluster = ray.cluster_resources()
     resources = trial_resources(spec, cluster.get("GPU", 0))
     if address is None:  # a cluster may autoscale to fit; this machine will not
         check_resources_fit(spec, resources, cluster)
+    if spec.resources.gpus_per_trial == "auto" and resources["gpu"]:
+        resources = _packed(spec, data, cluster, progress)
     return tune.with_resources(tune.with_parameters(train_trial, data=data), resources)
 
 
-def _fit(spec: Spec, tuner: tune.Tuner, images: ImageSet, progress: Callable[[str], None]) -> SearchOutcome:
+@dataclass(frozen=True)
+class PackedResources:
+    """Per trial: its CPUs and 1/n of a GPU, n from the measured packing table for its backbone and batch size."""
+
+    table: PackingTable
+    cpus_per_trial: float
+    cpus_per_gpu: float
+
+    def trials_per_gpu(self, hp: Hyperparams) -> int:
+        return self.table.trials_for(hp.backbone, hp.batch_size, self.cpus_per_trial, self.cpus_per_gpu)
+
+    def __call__(self, config: dict) -> tune.PlacementGroupFactory:
+        share = 1 / self.trials_per_gpu(Hyperparams.from_params(config))
+        return tune.PlacementGroupFactory([{"CPU": self.cpus_per_trial, "GPU": share}])
+
+
+def _packed(spec: Spec, data: TrialData, cluster: dict, progress: Callable[[str], None]):
+    """Measures (once per GPU model, kept in the node's cache folder) how many trials of each backbone and batch
+    size one GPU takes; falls back to a whole GPU per trial when the measurement fails."""
+    backbones = spec.search_values("backbone")
+    batch_sizes = spec.search_values("batch_size")
+    progress(f"tuneprod: measuring how many trials share a GPU ({', '.join(backbones)}; batch sizes "
+             f"{', '.join(map(str, batch_sizes))}; kept for later searches)")
+    record = str(Path(spec.data.cache_dir or default_root()) / PROBE_RECORD)
+    measure = ray.remote(num_gpus=1, max_calls=1)(measure_gpu)
+    try:
+        table = ray.get(measure.remote(backbones, spec.data.image_size, len(data.train.classes), batch_sizes,
+                                       record))
+    except Exception as exc:  # a probe that fails must not stop the search: whole GPUs always work
+        progress(f"tuneprod: warning: the GPU measurement failed ({type(exc).__name__}: "
+                 f"{str(exc).splitlines()[0] if str(exc) else ''}); each trial gets a whole GPU")
+        return trial_resources(spec, cluster.get("GPU", 0))
+    packed = PackedResources(table, spec.resources.cpus_per_trial, cluster.get("CPU", 1) / cluster.get("GPU", 1))
+    shares = ", ".join(f"{b} batch {n}: {packed.trials_per_gpu(Hyperparams(backbone=b, batch_size=n))}"
+                       for b in backbones for n in batch_sizes)
+    progress(f"tuneprod: trials per {table.gpu_name}: {shares}")
+    return packed
+
+
+def _fit(spec: Spec, tuner: tune.Tuner, images: DecodedImages, progress: Callable[[str], None]) -> SearchOutcome:
     # Each epoch checkpoints and so snapshots the experiment state; with short demo epochs Ray would warn about
     # that on every epoch, though a local snapshot costs milliseconds.
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
@@ -138,7 +184,7 @@ def _noticing_interrupts():
         signal.signal(signal.SIGINT, previous)
 
 
-def summarise(spec: Spec, grid, images: ImageSet, progress: Callable[[str], None]) -> SearchOutcome:
+def summarise(spec: Spec, grid, images: DecodedImages, progress: Callable[[str], None]) -> SearchOutcome:
     names = spec.space.names()
     metric, mode = spec.search.metric, spec.search.direction
     table = results.trials_table(results.records_from_grid(grid, names), names, metric, mode,
@@ -169,7 +215,7 @@ def _start_ray(address: Optional[str], progress: Callable[[str], None]) -> None:
 
 
 def trial_resources(spec: Spec, cluster_gpus: float) -> dict:
-    """`auto` gives each trial a whole GPU when the cluster has any, else none."""
+    """`auto` gives each trial a whole GPU when the cluster has any (until packing is measured), else none."""
     gpus = spec.resources.gpus_per_trial
     if gpus == "auto":
         gpus = 1 if cluster_gpus >= 1 else 0

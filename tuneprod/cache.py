@@ -1,0 +1,198 @@
+"""The decoded-image cache: every image of a data set decoded once at the training size into one uint8 array on
+node-local disk, which every trial on the node (and the retrain, and later searches) memory-maps read-only.
+
+Trials then never decode a JPEG: a batch is a gather of rows from pages the OS shares between processes, so the
+memory cost is one copy of the data set per node however many trials run. The store is keyed by a fingerprint of
+the file list, the files' sizes and modification times and the image size: a changed data set gets a new store.
+A store is built in a hidden folder and renamed into place when complete, under a per-node lock, so an interrupted
+build is never read and concurrent trials build it once.
+"""
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import json
+import os
+import shutil
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterator, Optional, Sequence
+
+import numpy as np
+
+from tuneprod.data import DataError, ImageSet, check_class_sizes, decode_resized, index_images, warn_unreadable
+from tuneprod.demo import generate_demo
+from tuneprod.spec import Spec
+
+FORMAT_VERSION = 1  # bump when decode_resized or the layout changes: old stores then stop matching
+DEFAULT_ROOT = "~/.cache/tuneprod"
+IMAGES, READABLE, META = "images.npy", "readable.npy", "meta.json"
+
+_open_arrays: dict[Path, np.ndarray] = {}  # per process: every dataset over a store shares one mapping
+
+
+def default_root() -> Path:
+    return Path(os.environ.get("TUNEPROD_CACHE", DEFAULT_ROOT))
+
+
+def fingerprint(paths: Sequence[Path], size: int) -> str:
+    """Changes when a file is added, removed, renamed, rewritten (size or mtime) or the image size changes."""
+    digest = hashlib.sha256(f"tuneprod-cache {FORMAT_VERSION} {size}\n".encode())
+    for path in paths:
+        stat = os.stat(path)
+        digest.update(f"{path}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
+    return digest.hexdigest()
+
+
+@dataclass(frozen=True, eq=False)
+class DecodedCache:
+    """The store for `paths` at `size` px. Picklable (paths only): a trial on another node rebuilds it there."""
+
+    root: Path  # may start with ~, expanded on the node that uses it
+    paths: tuple[Path, ...]
+    size: int
+    key: str
+
+    @classmethod
+    def of(cls, paths: Sequence[Path], size: int, root: Optional[Path] = None) -> "DecodedCache":
+        return cls(Path(root or default_root()), tuple(paths), size, fingerprint(paths, size))
+
+    @property
+    def folder(self) -> Path:
+        return self.root.expanduser() / f"{self.size}px-{self.key[:24]}"
+
+    def ready(self) -> bool:
+        return (self.folder / META).is_file()  # written last, inside the folder before it is renamed into place
+
+    def ensure(self, progress: Callable[[str], None] = print) -> "DecodedCache":
+        if not self.ready():
+            self._build(progress)
+        return self
+
+    def images(self) -> np.ndarray:
+        """N x size x size x 3 uint8, memory-mapped read-only."""
+        folder = self.ensure().folder
+        if folder not in _open_arrays:
+            _open_arrays[folder] = np.load(folder / IMAGES, mmap_mode="r")
+        return _open_arrays[folder]
+
+    def readable(self) -> np.ndarray:
+        return np.load(self.ensure().folder / READABLE)
+
+    def _build(self, progress: Callable[[str], None]) -> None:
+        root = self.root.expanduser()
+        root.mkdir(parents=True, exist_ok=True)
+        with _node_lock(root / f".{self.folder.name}.lock"):
+            if self.ready():  # another trial on this node built it while we waited
+                return
+            _check_free_space(root, len(self.paths) * self.size * self.size * 3)
+            for stale in root.glob(f".{self.folder.name}.partial-*"):  # an interrupted build; we hold the lock
+                shutil.rmtree(stale, ignore_errors=True)
+            partial = root / f".{self.folder.name}.partial-{os.getpid()}"
+            partial.mkdir()
+            started = time.perf_counter()
+            readable = self._decode_all(partial / IMAGES, progress)
+            np.save(partial / READABLE, readable)
+            elapsed = time.perf_counter() - started
+            meta = {"format": FORMAT_VERSION, "size": self.size, "images": len(self.paths), "key": self.key,
+                    "build_s": round(elapsed, 2), "threads": _threads()}
+            (partial / META).write_text(json.dumps(meta, indent=1))
+            os.rename(partial, self.folder)
+        progress(f"tuneprod: decoded {len(self.paths)} images in {elapsed:.1f} s "
+                 f"({len(self.paths) / max(elapsed, 1e-9):.0f} img/s on {_threads()} threads) into {self.folder}")
+
+    def _decode_all(self, target: Path, progress: Callable[[str], None]) -> np.ndarray:
+        count = len(self.paths)
+        images = np.lib.format.open_memmap(target, mode="w+", dtype=np.uint8,
+                                           shape=(count, self.size, self.size, 3))
+        readable = np.zeros(count, dtype=bool)
+
+        def decode(row: int) -> None:
+            try:
+                images[row] = decode_resized(self.paths[row], self.size)
+                readable[row] = True
+            except Exception:  # PIL raises OSError, SyntaxError, ValueError, DecompressionBombError...
+                pass
+
+        progress(f"tuneprod: decoding {count} images once at {self.size} px into the cache {self.root}")
+        step = max(1, count // 10)
+        # Threads suffice: PIL and OpenCV release the GIL while decoding and resizing.
+        with ThreadPoolExecutor(_threads()) as pool:
+            for done, _ in enumerate(pool.map(decode, range(count)), start=1):
+                if done % step == 0 and count >= 5000:
+                    progress(f"tuneprod: decoded {done}/{count}")
+        images.flush()
+        del images
+        return readable
+
+
+def _threads() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def _check_free_space(root: Path, needed: int) -> None:
+    free = shutil.disk_usage(root).free
+    if free < needed * 1.05:
+        raise DataError(f"data.cache_dir: the cache needs {needed / 2**30:.1f} GiB but {root} has "
+                        f"{free / 2**30:.1f} GiB free; point data.cache_dir (or $TUNEPROD_CACHE) at a larger disk")
+
+
+@contextlib.contextmanager
+def _node_lock(path: Path) -> Iterator[None]:
+    with open(path, "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+@dataclass(frozen=True, eq=False)
+class DecodedImages:
+    """Labelled rows of a decoded cache: what a training run reads."""
+
+    cache: DecodedCache
+    rows: np.ndarray
+    labels: np.ndarray
+    classes: tuple[str, ...]
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def subset(self, indices: Sequence[int]) -> "DecodedImages":
+        indices = np.asarray(indices, dtype=np.int64)
+        return DecodedImages(self.cache, self.rows[indices], self.labels[indices], self.classes)
+
+    def pixels(self, indices: np.ndarray) -> np.ndarray:
+        """The uint8 images at these positions (sorted rows read the file in order)."""
+        return self.cache.images()[self.rows[indices]]
+
+
+def decoded(image_set: ImageSet, size: int, root: Optional[Path] = None, field_name: str = "data.train",
+            progress: Callable[[str], None] = print) -> DecodedImages:
+    """The image set's readable images in the cache (built on first use); unreadable ones dropped with a warning."""
+    cache = DecodedCache.of(image_set.paths, size, root).ensure(progress)
+    readable = cache.readable()
+    warn_unreadable([p for p, ok in zip(image_set.paths, readable) if not ok])
+    kept = np.flatnonzero(readable)
+    check_class_sizes(image_set.subset(kept), field_name)
+    return DecodedImages(cache, kept, np.asarray(image_set.labels, dtype=np.int64)[kept], image_set.classes)
+
+
+def labelled_images(spec: Spec, progress: Callable[[str], None] = print) -> DecodedImages:
+    """The training images, decoded into the cache; the demo set is generated on first use."""
+    if spec.data.demo is not None and spec.data.train is None and not spec.data.train_path.exists():
+        progress(f"tuneprod: generating the demo product set in {spec.data.demo}")
+        try:
+            generate_demo(spec.data.demo, size=spec.data.image_size)
+        except FileExistsError:
+            raise DataError(f"{spec.path}: data.demo: the folder {spec.data.demo} holds other files but no train/; "
+                            f"point data.demo at a new folder") from None
+    try:
+        image_set = index_images(spec.data.train_path, "data.train")
+        return decoded(image_set, spec.data.image_size, spec.data.cache_dir, "data.train", progress)
+    except DataError as exc:
+        raise DataError(f"{spec.path}: {exc}") from None
