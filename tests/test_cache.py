@@ -74,10 +74,10 @@ def test_concurrent_users_on_a_node_build_once(image_set, monkeypatch, tmp_path)
     builds = []
     real_decode_all = DecodedCache._decode_all
 
-    def counted(self, target, progress):
+    def counted(self, target, progress, workers):
         builds.append(target)
         time.sleep(0.2)  # hold the lock long enough for the others to queue behind it
-        return real_decode_all(self, target, progress)
+        return real_decode_all(self, target, progress, workers)
 
     monkeypatch.setattr(DecodedCache, "_decode_all", counted)
     stores = [DecodedCache.of(image_set.paths, 16, tmp_path / "c") for _ in range(3)]

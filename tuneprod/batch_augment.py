@@ -127,7 +127,8 @@ class BatchAugment:
         if p.jitter:
             x = self._jitter(x)
         if p.blur:
-            x = torch.where(self._chance(n, p.blur).view(n, 1, 1, 1), gaussian_blur(x, self._uniform(n, *p.blur_sigma)), x)
+            blurred = gaussian_blur(x, self._uniform(n, *p.blur_sigma))
+            x = torch.where(self._chance(n, p.blur).view(n, 1, 1, 1), blurred, x)
         if p.dropout:
             x = x.masked_fill(self._holes(x), 0.0)
         if p.gray:

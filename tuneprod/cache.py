@@ -16,7 +16,8 @@ import json
 import os
 import shutil
 import time
-from concurrent.futures import ThreadPoolExecutor
+import multiprocessing
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator, Optional, Sequence
@@ -30,6 +31,8 @@ from tuneprod.spec import Spec
 FORMAT_VERSION = 1  # bump when decode_resized or the layout changes: old stores then stop matching
 DEFAULT_ROOT = "~/.cache/tuneprod"
 IMAGES, READABLE, META = "images.npy", "readable.npy", "meta.json"
+CHUNK = 64  # images per decoding task
+PROCESSES_FROM = 1000  # images; fewer are decoded by threads
 
 _open_arrays: dict[Path, np.ndarray] = {}  # per process: every dataset over a store shares one mapping
 
@@ -67,9 +70,10 @@ class DecodedCache:
     def ready(self) -> bool:
         return (self.folder / META).is_file()  # written last, inside the folder before it is renamed into place
 
-    def ensure(self, progress: Callable[[str], None] = print) -> "DecodedCache":
+    def ensure(self, progress: Callable[[str], None] = print, workers: Optional[int] = None) -> "DecodedCache":
+        """Builds the store unless it exists; `workers` decode in parallel (default: this process's CPUs)."""
         if not self.ready():
-            self._build(progress)
+            self._build(progress, workers or _cpus())
         return self
 
     def images(self) -> np.ndarray:
@@ -82,7 +86,7 @@ class DecodedCache:
     def readable(self) -> np.ndarray:
         return np.load(self.ensure().folder / READABLE)
 
-    def _build(self, progress: Callable[[str], None]) -> None:
+    def _build(self, progress: Callable[[str], None], workers: int) -> None:
         root = self.root.expanduser()
         root.mkdir(parents=True, exist_ok=True)
         with _node_lock(root / f".{self.folder.name}.lock"):
@@ -94,42 +98,57 @@ class DecodedCache:
             partial = root / f".{self.folder.name}.partial-{os.getpid()}"
             partial.mkdir()
             started = time.perf_counter()
-            readable = self._decode_all(partial / IMAGES, progress)
+            readable = self._decode_all(partial / IMAGES, progress, workers)
             np.save(partial / READABLE, readable)
             elapsed = time.perf_counter() - started
             meta = {"format": FORMAT_VERSION, "size": self.size, "images": len(self.paths), "key": self.key,
-                    "build_s": round(elapsed, 2), "threads": _threads()}
+                    "build_s": round(elapsed, 2), "workers": workers}
             (partial / META).write_text(json.dumps(meta, indent=1))
             os.rename(partial, self.folder)
         progress(f"tuneprod: decoded {len(self.paths)} images in {elapsed:.1f} s "
-                 f"({len(self.paths) / max(elapsed, 1e-9):.0f} img/s on {_threads()} threads) into {self.folder}")
+                 f"({len(self.paths) / max(elapsed, 1e-9):.0f} img/s with {workers} workers) into {self.folder}")
 
-    def _decode_all(self, target: Path, progress: Callable[[str], None]) -> np.ndarray:
+    def _decode_all(self, target: Path, progress: Callable[[str], None], workers: int) -> np.ndarray:
         count = len(self.paths)
-        images = np.lib.format.open_memmap(target, mode="w+", dtype=np.uint8,
-                                           shape=(count, self.size, self.size, 3))
+        np.lib.format.open_memmap(target, mode="w+", dtype=np.uint8, shape=(count, self.size, self.size, 3)).flush()
         readable = np.zeros(count, dtype=bool)
-
-        def decode(row: int) -> None:
-            try:
-                images[row] = decode_resized(self.paths[row], self.size)
-                readable[row] = True
-            except Exception:  # PIL raises OSError, SyntaxError, ValueError, DecompressionBombError...
-                pass
-
-        progress(f"tuneprod: decoding {count} images once at {self.size} px into the cache {self.root}")
-        step = max(1, count // 10)
-        # Threads suffice: PIL and OpenCV release the GIL while decoding and resizing.
-        with ThreadPoolExecutor(_threads()) as pool:
-            for done, _ in enumerate(pool.map(decode, range(count)), start=1):
-                if done % step == 0 and count >= 5000:
-                    progress(f"tuneprod: decoded {done}/{count}")
-        images.flush()
-        del images
+        progress(f"tuneprod: decoding {count} images once at {self.size} px into the cache in "
+                 f"{self.root.expanduser()}")
+        # PIL holds the GIL while it parses each file's headers, which caps threads at a few cores; forked
+        # processes scale with cores. A small set is decoded before processes would have started.
+        pool = (ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork"))
+                if count >= PROCESSES_FROM and workers > 1 else ThreadPoolExecutor(workers))
+        with pool:
+            chunks = [pool.submit(_decode_rows, target, self.paths[start:start + CHUNK], start, self.size)
+                      for start in range(0, count, CHUNK)]
+            for done, chunk in enumerate(as_completed(chunks), start=1):
+                start, decoded_ok = chunk.result()
+                readable[start:start + len(decoded_ok)] = decoded_ok
+                if count >= PROCESSES_FROM and done % max(1, len(chunks) // 10) == 0:
+                    progress(f"tuneprod: decoded {min(done * CHUNK, count)}/{count}")
         return readable
 
 
-def _threads() -> int:
+def _decode_rows(target: Path, paths: Sequence[Path], start: int, size: int) -> tuple[int, list[bool]]:
+    """Decodes `paths` into rows start.. of the store; says which decoded."""
+    data_offset = np.load(target, mmap_mode="r").offset  # where the rows start, after the .npy header
+    row_bytes = size * size * 3
+    decoded_ok = []
+    # pwrite, not a writable mapping: writing through a map faults in every fresh page, which serialises the
+    # workers in the kernel.
+    with open(target, "r+b") as store:
+        for row, path in enumerate(paths, start=start):
+            try:
+                pixels = decode_resized(path, size)
+            except Exception:  # PIL raises OSError, SyntaxError, ValueError, DecompressionBombError...
+                decoded_ok.append(False)
+                continue
+            os.pwrite(store.fileno(), np.ascontiguousarray(pixels).data, data_offset + row * row_bytes)
+            decoded_ok.append(True)
+    return start, decoded_ok
+
+
+def _cpus() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 

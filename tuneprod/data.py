@@ -169,7 +169,7 @@ def load_rgb(path: Path, at_least: Optional[int] = None) -> np.ndarray:
             image = Image.alpha_composite(background, rgba)
         elif image.mode == "I;16" or image.mode == "I":
             image = Image.fromarray((np.asarray(image, dtype=np.float32) / 256).clip(0, 255).astype(np.uint8))
-        return np.asarray(image.convert("RGB"))
+        return np.array(image.convert("RGB"))  # writable: torch wraps it without a warning
 
 
 def decode_resized(path: Path, size: int) -> np.ndarray:
