@@ -121,3 +121,10 @@ def test_too_little_disk_is_one_clear_error(image_set, monkeypatch, tmp_path):
     monkeypatch.setattr(cache.shutil, "disk_usage", lambda _: type("Usage", (), {"free": 1000})())
     with pytest.raises(DataError, match="data.cache_dir: the cache needs .* GiB free"):
         DecodedCache.of(image_set.paths, 64, tmp_path / "c").ensure()
+
+
+def test_an_unwritable_cache_folder_is_one_clear_error(image_set, tmp_path):
+    blocker = tmp_path / "not_a_folder"
+    blocker.write_text("a file where the cache folder should be")
+    with pytest.raises(DataError, match="data.cache_dir: cannot write the decoded-image cache in .*not_a_folder"):
+        DecodedCache.of(image_set.paths, 16, blocker / "cache").ensure()

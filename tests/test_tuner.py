@@ -101,3 +101,56 @@ def test_search_values_include_start_points():
     spec = spec_of(space={"batch_size": {"int": [32, 64]}}, search={"start_from": [{"batch_size": 48}]})
     assert spec.search_values("batch_size") == [32, 48, 64]
     assert spec.search_values("backbone") == ["resnet18"]  # the default, when the space leaves it out
+
+
+@pytest.fixture
+def ray_with_a_gpu():
+    """A local Ray that believes it has one GPU (the probe task itself is replaced: this machine has none)."""
+    import ray
+
+    ray.init(num_cpus=2, num_gpus=1, include_dashboard=False, log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
+def _trial_data(tmp_path):
+    from tests.helpers import write_image_folder
+    from tuneprod.cache import decoded
+    from tuneprod.data import index_images
+    from tuneprod.trainable import TrialData
+
+    images = decoded(index_images(write_image_folder(tmp_path / "images")), 16)
+    return TrialData(train=images, val=images, image_size=16, max_epochs=1, seed=0, workers=0)
+
+
+@pytest.mark.slow
+def test_auto_packing_measures_once_on_a_gpu_and_falls_back_to_whole_gpus(ray_with_a_gpu, tmp_path, monkeypatch):
+    from tuneprod import tuner
+    from tuneprod.packing import PackingTable, ProbePoint
+
+    spec = spec_of(space={"backbone": {"choice": ["test_resnet", "test_vit"]}, "batch_size": {"choice": [16, 32]}},
+                   resources={"cpus_per_trial": 1, "gpus_per_trial": "auto"})
+    data = _trial_data(tmp_path)
+
+    def measured(backbones, image_size, num_classes, batch_sizes, record):  # runs in a Ray task with a GPU
+        import ray as task_ray
+        assert task_ray.get_gpu_ids()
+        points = [ProbePoint(b, 100.0 * b ** 0.9, 2**20) for b in (16, 32, 64, 128, 256)]
+        return PackingTable("FakeGPU", 80 * 2**30, {"test_resnet": points})
+
+    monkeypatch.setattr(tuner, "measure_gpu", measured)
+    said = []
+    trainable = tuner._trainable(spec, data, None, said.append)
+    resources = trainable._resources
+    assert resources({"backbone": "test_resnet", "batch_size": 16}).required_resources == {"CPU": 1, "GPU": 0.5}
+    assert resources({"backbone": "test_vit", "batch_size": 16}).required_resources == {"CPU": 1, "GPU": 1}
+    assert any("trials per FakeGPU: test_resnet batch 16: 2" in line for line in said)  # 2 CPUs: at most 2
+
+    def broken(*args):
+        raise RuntimeError("CUDA error: no kernel image is available")
+
+    monkeypatch.setattr(tuner, "measure_gpu", broken)
+    said.clear()
+    fallback = tuner._trainable(spec, data, None, said.append)._resources
+    assert fallback.required_resources == {"CPU": 1, "GPU": 1}
+    assert any("GPU measurement failed (RuntimeError: CUDA error: no kernel image" in line for line in said), said

@@ -117,7 +117,7 @@ def mix_batch(images: torch.Tensor, labels: torch.Tensor, num_classes: int, mixu
         return images, targets
     kind = enabled[rng.integers(len(enabled))]
     lam = float(rng.beta(*(2 * [mixup_alpha if kind == "mixup" else cutmix_alpha])))
-    perm = torch.from_numpy(rng.permutation(len(images))).to(images.device)
+    perm = torch.from_numpy(rng.permutation(len(images))).to(images.device, non_blocking=True)  # no GPU wait
     if kind == "mixup":
         images = lam * images + (1 - lam) * images[perm]
     else:

@@ -7,6 +7,7 @@ albumentations pipeline leaves them.
 """
 from __future__ import annotations
 
+import functools
 import math
 from typing import Sequence
 
@@ -16,6 +17,16 @@ import torch.nn.functional as F
 from tuneprod.augment import Policy, policy
 
 _LUMA = (0.299, 0.587, 0.114)
+_TO_YIQ = ((0.299, 0.587, 0.114), (0.596, -0.274, -0.322), (0.211, -0.523, 0.312))
+_CORNERS = ((-1.0, -1.0), (1.0, -1.0), (1.0, 1.0), (-1.0, 1.0))
+_MAX_CORNER_SHIFT = 0.32  # of the side, as albumentations' Perspective wraps its corner jitter
+
+
+@functools.lru_cache(maxsize=64)
+def _constant(values: tuple, device: torch.device) -> torch.Tensor:
+    """A small constant tensor, copied to the device once: a per-batch copy from pageable memory would make the
+    host wait for the GPU and undo the overlap of input work and training."""
+    return torch.tensor(values, dtype=torch.float32, device=device)
 
 
 def normalise(images: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
@@ -28,8 +39,8 @@ def _unit_float(images: torch.Tensor) -> torch.Tensor:
 
 
 def _standardise(images: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
-    mean_t = torch.tensor(mean, device=images.device).view(1, 3, 1, 1)
-    std_t = torch.tensor(std, device=images.device).view(1, 3, 1, 1)
+    mean_t = _constant(tuple(mean), images.device).view(1, 3, 1, 1)
+    std_t = _constant(tuple(std), images.device).view(1, 3, 1, 1)
     memory_format = torch.channels_last if images.is_cuda else torch.contiguous_format
     return ((images - mean_t) / std_t).contiguous(memory_format=memory_format)
 
@@ -66,7 +77,9 @@ class BatchAugment:
         p, n = self.policy, len(x)
         if p.crop_area is None and not (p.flip or p.affine or p.perspective):
             return x
-        sampling = self._crop(n) @ self._flip(n) @ torch.linalg.inv(self._affine(n)) @ self._perspective(n)
+        # inv_ex: inv would check for singular matrices, a host-device sync per batch; an affine map is invertible.
+        sampling = self._crop(n) @ self._flip(n) @ torch.linalg.inv_ex(self._affine(n)).inverse \
+            @ self._perspective(n)
         return warp(x, sampling)
 
     def _identity(self, n: int) -> torch.Tensor:
@@ -115,9 +128,9 @@ class BatchAugment:
         if not p.perspective:
             return self._identity(n)
         sigma = self._uniform(n, *p.perspective_scale) * self._chance(n, p.perspective)
-        inward = (torch.randn(n, 4, 2, generator=self.generator, device=self.device).abs()
-                  * sigma.view(n, 1, 1) * 2)  # x2: the side is 2 long in [-1, 1] coordinates
-        corners = torch.tensor([[-1.0, -1.0], [1.0, -1.0], [1.0, 1.0], [-1.0, 1.0]], device=self.device)
+        jitter = torch.randn(n, 4, 2, generator=self.generator, device=self.device).abs() * sigma.view(n, 1, 1)
+        inward = torch.remainder(jitter, _MAX_CORNER_SHIFT) * 2  # x2: the side is 2 long in [-1, 1] coordinates
+        corners = _constant(_CORNERS, self.device)
         quad = corners - corners.sign() * inward
         return homography(corners.expand(n, 4, 2), quad)
 
@@ -192,7 +205,7 @@ def homography(source: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     rows_u = torch.stack([x, y, ones, zeros, zeros, zeros, -u * x, -u * y], dim=-1)
     rows_v = torch.stack([zeros, zeros, zeros, x, y, ones, -v * x, -v * y], dim=-1)
     system = torch.cat([rows_u, rows_v], dim=1)
-    solution = torch.linalg.solve(system, torch.cat([u, v], dim=1))
+    solution = torch.linalg.solve_ex(system, torch.cat([u, v], dim=1)).result  # _ex: no host-device sync
     return torch.cat([solution, torch.ones(n, 1, device=source.device)], dim=1).view(n, 3, 3)
 
 
@@ -210,16 +223,20 @@ def gaussian_blur(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
 
 def rotate_hue(x: torch.Tensor, turn: torch.Tensor) -> torch.Tensor:
     """Rotates each image's chroma by `turn` of a full circle in YIQ space (a hue shift that keeps luma)."""
-    to_yiq = torch.tensor([[0.299, 0.587, 0.114], [0.596, -0.274, -0.322], [0.211, -0.523, 0.312]],
-                          device=x.device, dtype=x.dtype)
+    to_yiq = _constant(_TO_YIQ, x.device)
     yiq = torch.einsum("ij,bjhw->bihw", to_yiq, x)
     angle = 2 * math.pi * turn
     cos, sin = torch.cos(angle), torch.sin(angle)
     i, q = yiq[:, 1:2], yiq[:, 2:3]
     yiq = torch.cat([yiq[:, :1], i * cos - q * sin, i * sin + q * cos], dim=1)
-    return torch.einsum("ij,bjhw->bihw", torch.linalg.inv(to_yiq), yiq)
+    return torch.einsum("ij,bjhw->bihw", _from_yiq(x.device), yiq)
+
+
+@functools.lru_cache(maxsize=8)
+def _from_yiq(device: torch.device) -> torch.Tensor:
+    return torch.linalg.inv(_constant(_TO_YIQ, device))
 
 
 def _luma(x: torch.Tensor) -> torch.Tensor:
-    weights = torch.tensor(_LUMA, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
+    weights = _constant(_LUMA, x.device).view(1, 3, 1, 1)
     return (x * weights).sum(dim=1, keepdim=True)

@@ -15,6 +15,7 @@ import hashlib
 import json
 import os
 import shutil
+import threading
 import time
 import multiprocessing
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor, as_completed
@@ -77,9 +78,12 @@ class DecodedCache:
         return self
 
     def images(self) -> np.ndarray:
-        """N x size x size x 3 uint8, memory-mapped read-only."""
-        folder = self.ensure().folder
+        """N x size x size x 3 uint8, memory-mapped read-only. Never builds: a reader may be a DataLoader worker
+        or a prefetch thread, where a build does not belong; `ensure` first."""
+        folder = self.folder
         if folder not in _open_arrays:
+            if not self.ready():
+                raise RuntimeError(f"the decoded-image cache {folder} is not built; call ensure() first")
             _open_arrays[folder] = np.load(folder / IMAGES, mmap_mode="r")
         return _open_arrays[folder]
 
@@ -88,13 +92,19 @@ class DecodedCache:
 
     def _build(self, progress: Callable[[str], None], workers: int) -> None:
         root = self.root.expanduser()
-        root.mkdir(parents=True, exist_ok=True)
-        with _node_lock(root / f".{self.folder.name}.lock"):
+        lock = root / f".{self.folder.name}.lock"
+        try:
+            root.mkdir(parents=True, exist_ok=True)
+            lock.touch()
+        except OSError as exc:
+            raise DataError(f"data.cache_dir: cannot write the decoded-image cache in {root} ({exc.strerror}); "
+                            f"point data.cache_dir (or $TUNEPROD_CACHE) at a writable folder on local disk") from None
+        with _node_lock(lock):
             if self.ready():  # another trial on this node built it while we waited
                 return
-            _check_free_space(root, len(self.paths) * self.size * self.size * 3)
             for stale in root.glob(f".{self.folder.name}.partial-*"):  # an interrupted build; we hold the lock
                 shutil.rmtree(stale, ignore_errors=True)
+            _check_free_space(root, len(self.paths) * self.size * self.size * 3)
             partial = root / f".{self.folder.name}.partial-{os.getpid()}"
             partial.mkdir()
             started = time.perf_counter()
@@ -104,7 +114,10 @@ class DecodedCache:
             meta = {"format": FORMAT_VERSION, "size": self.size, "images": len(self.paths), "key": self.key,
                     "build_s": round(elapsed, 2), "workers": workers}
             (partial / META).write_text(json.dumps(meta, indent=1))
+            for written in (IMAGES, READABLE, META, "."):  # on disk before the name says the store is complete
+                _fsync(partial / written)
             os.rename(partial, self.folder)
+            _fsync(root)
         progress(f"tuneprod: decoded {len(self.paths)} images in {elapsed:.1f} s "
                  f"({len(self.paths) / max(elapsed, 1e-9):.0f} img/s with {workers} workers) into {self.folder}")
 
@@ -114,19 +127,37 @@ class DecodedCache:
         readable = np.zeros(count, dtype=bool)
         progress(f"tuneprod: decoding {count} images once at {self.size} px into the cache in "
                  f"{self.root.expanduser()}")
-        # PIL holds the GIL while it parses each file's headers, which caps threads at a few cores; forked
-        # processes scale with cores. A small set is decoded before processes would have started.
-        pool = (ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork"))
-                if count >= PROCESSES_FROM and workers > 1 else ThreadPoolExecutor(workers))
-        with pool:
+        with _pool(workers, many=count >= PROCESSES_FROM) as pool:
             chunks = [pool.submit(_decode_rows, target, self.paths[start:start + CHUNK], start, self.size)
                       for start in range(0, count, CHUNK)]
-            for done, chunk in enumerate(as_completed(chunks), start=1):
-                start, decoded_ok = chunk.result()
-                readable[start:start + len(decoded_ok)] = decoded_ok
-                if count >= PROCESSES_FROM and done % max(1, len(chunks) // 10) == 0:
-                    progress(f"tuneprod: decoded {min(done * CHUNK, count)}/{count}")
+            try:
+                for done, chunk in enumerate(as_completed(chunks), start=1):
+                    start, decoded_ok = chunk.result()
+                    readable[start:start + len(decoded_ok)] = decoded_ok
+                    if count >= PROCESSES_FROM and done % max(1, len(chunks) // 10) == 0:
+                        progress(f"tuneprod: decoded {min(done * CHUNK, count)}/{count}")
+            except BaseException:
+                pool.shutdown(cancel_futures=True)  # stop now, not after the remaining chunks
+                raise
         return readable
+
+
+def _pool(workers: int, many: bool):
+    """PIL holds the GIL while it parses each file's headers, which caps threads at a few cores; forked processes
+    scale with cores. Threads where forking is unsafe or impossible (a process with other threads, such as a Ray
+    worker, or a daemonic DataLoader worker) and for small sets, done before processes would have started."""
+    can_fork = threading.active_count() == 1 and not multiprocessing.current_process().daemon
+    if many and workers > 1 and can_fork:
+        return ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork"))
+    return ThreadPoolExecutor(workers)
+
+
+def _fsync(path: Path) -> None:
+    descriptor = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
 
 
 def _decode_rows(target: Path, paths: Sequence[Path], start: int, size: int) -> tuple[int, list[bool]]:
@@ -143,9 +174,15 @@ def _decode_rows(target: Path, paths: Sequence[Path], start: int, size: int) -> 
             except Exception:  # PIL raises OSError, SyntaxError, ValueError, DecompressionBombError...
                 decoded_ok.append(False)
                 continue
-            os.pwrite(store.fileno(), np.ascontiguousarray(pixels).data, data_offset + row * row_bytes)
+            _write_at(store.fileno(), np.ascontiguousarray(pixels).data.cast("B"), data_offset + row * row_bytes)
             decoded_ok.append(True)
     return start, decoded_ok
+
+
+def _write_at(descriptor: int, data: memoryview, offset: int) -> None:
+    while data:  # pwrite may write less than asked
+        written = os.pwrite(descriptor, data, offset)
+        data, offset = data[written:], offset + written
 
 
 def _cpus() -> int:

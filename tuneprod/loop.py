@@ -16,6 +16,9 @@ from tuneprod.pipeline import evaluation_batches, training_batches
 from tuneprod.spec import Hyperparams, TrialConfig
 
 
+LOSS_CHECK_EVERY = 25  # steps between reading the summed loss back from the device
+
+
 class NonFiniteLoss(RuntimeError):
     """The loss became NaN or infinite: the trial is recorded as failed and the search goes on."""
 
@@ -115,25 +118,34 @@ class TrainingRun:
     def train_epoch(self) -> dict:
         hp, model = self.config.hp, self.model
         model.train()
-        total_loss, seen, started = 0.0, 0, time.perf_counter()
-        for images, labels in self.train_batches.epoch(self.epoch):
+        # The loss is summed on the device and read back only every few steps: reading it waits for the GPU,
+        # which would then idle while the host prepares the next batch.
+        total_loss, seen, started = torch.zeros((), device=self.device), 0, time.perf_counter()
+        for step, (images, labels) in enumerate(self.train_batches.epoch(self.epoch)):
             images, targets = mix_batch(images, labels, len(self.classes), hp.mixup_alpha, hp.cutmix_alpha,
                                         hp.mix_prob, self.mix_rng)
             with autocast(self.amp_dtype):
                 loss = F.cross_entropy(model(images).float(), targets, label_smoothing=hp.label_smoothing)
-            if not torch.isfinite(loss):
-                raise NonFiniteLoss(f"the training loss became {loss.item()} at epoch {self.epoch + 1} "
-                                    f"(lr {self.optimizer.param_groups[0]['lr']:.3g}); a lower lr usually helps")
             self.optimizer.zero_grad(set_to_none=True)
             self.scaler.scale(loss).backward()
             self.scaler.step(self.optimizer)
             self.scaler.update()
             self.scheduler.step()
-            total_loss += loss.item() * len(images)
+            total_loss += loss.detach() * len(images)
             seen += len(images)
+            if step % LOSS_CHECK_EVERY == 0:
+                self._check_finite(total_loss)
+        mean_loss = self._check_finite(total_loss) / max(seen, 1)
         elapsed = time.perf_counter() - started
-        return {"train_loss": total_loss / max(seen, 1), "lr": self.optimizer.param_groups[0]["lr"],
+        return {"train_loss": mean_loss, "lr": self.optimizer.param_groups[0]["lr"],
                 "images_per_s": seen / elapsed if elapsed > 0 else 0.0}
+
+    def _check_finite(self, total_loss: torch.Tensor) -> float:
+        value = total_loss.item()
+        if not math.isfinite(value):
+            raise NonFiniteLoss(f"the training loss became {value} at epoch {self.epoch + 1} "
+                                f"(lr {self.optimizer.param_groups[0]['lr']:.3g}); a lower lr usually helps")
+        return value
 
     def evaluate(self) -> dict:
         total_loss, correct, seen = 0.0, 0, 0

@@ -67,7 +67,8 @@ def probe_batches(batch_sizes: Sequence[int]) -> list[int]:
 def probe(backbone: str, image_size: int, num_classes: int, batch_sizes: Sequence[int],
           device: torch.device, steps: int = 5) -> list[ProbePoint]:
     """Times `steps` training steps (after warm-up) on synthetic tensors at each batch size, as a trial runs them
-    (AMP, channels_last); stops at the first batch size that runs out of memory."""
+    (AMP, channels_last); stops at the first batch size that runs out of memory. Out of memory inside cuDNN or
+    cuBLAS is a plain RuntimeError, so any failure after the first batch size counts as not fitting."""
     model = create_model(backbone, num_classes, pretrained=False, dropout=0.0, image_size=image_size).to(device)
     if device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
@@ -76,7 +77,9 @@ def probe(backbone: str, image_size: int, num_classes: int, batch_sizes: Sequenc
     for batch_size in sorted(batch_sizes):
         try:
             points.append(_time_steps(model, optimizer, batch_size, image_size, num_classes, device, steps))
-        except torch.OutOfMemoryError:
+        except RuntimeError:  # torch.OutOfMemoryError is one
+            if not points:
+                raise
             break
         finally:
             if device.type == "cuda":
@@ -109,7 +112,13 @@ def _time_steps(model: torch.nn.Module, optimizer: torch.optim.Optimizer, batch_
     _synchronize(device)
     elapsed = time.perf_counter() - started
     peak = torch.cuda.max_memory_reserved(device) if device.type == "cuda" else 0
-    return ProbePoint(batch_size, batch_size * steps / elapsed, peak)
+    return ProbePoint(batch_size, batch_size * steps / elapsed, peak + _augmentation_bytes(batch_size, image_size))
+
+
+def _augmentation_bytes(batch_size: int, image_size: int) -> int:
+    """What the synthetic steps leave out: batched augmentation's temporaries (sampling grid, warped copy, blur,
+    masks), about eight float copies of the batch."""
+    return 8 * batch_size * 3 * image_size * image_size * 4
 
 
 def _synchronize(device: torch.device) -> None:

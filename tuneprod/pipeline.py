@@ -3,7 +3,9 @@
 `augment_device: gpu` (DeviceBatches): a background thread gathers each batch's uint8 rows from the memory-mapped
 cache, the batch moves to the device as uint8 (4x fewer bytes than float), and `BatchAugment` transforms it there.
 `augment_device: cpu` (WorkerBatches): DataLoader workers read rows and apply the albumentations policy per image.
-Both shuffle with a permutation drawn from (seed, epoch), so a resumed run sees the epochs it would have seen.
+Both shuffle with a permutation drawn from (seed, epoch), so a resumed run sees the epochs it would have seen; the
+batched augmentation is reseeded from (seed, epoch) too, while albumentations in persistent workers is seeded once
+per run (a resumed run draws other augmentations than an uninterrupted one would have).
 """
 from __future__ import annotations
 
@@ -30,6 +32,7 @@ def epoch_order(count: int, seed: int, epoch: int) -> np.ndarray:
 
 def training_batches(images: DecodedImages, config: TrialConfig, batch_size: int, mean: Sequence[float],
                      std: Sequence[float], device: torch.device):
+    images.cache.ensure()  # here, in the caller's thread: on a node that lacks the cache, this builds it
     if config.hp.augment_device == "gpu":
         augment = BatchAugment(config.hp.augment, mean, std, device, seed=config.seed)
         return DeviceBatches(images, batch_size, device, augment.for_epoch, shuffle=True, seed=config.seed)
@@ -39,6 +42,7 @@ def training_batches(images: DecodedImages, config: TrialConfig, batch_size: int
 
 def evaluation_batches(images: DecodedImages, batch_size: int, mean: Sequence[float], std: Sequence[float],
                        device: torch.device) -> "DeviceBatches":
+    images.cache.ensure()
     model_input = partial(normalise, mean=mean, std=std)
     return DeviceBatches(images, batch_size, device, lambda epoch: model_input, shuffle=False)
 

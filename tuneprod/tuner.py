@@ -26,6 +26,9 @@ from tuneprod.spec import EXPERIMENT_SPEC, Hyperparams, SearchInterrupted, Spec,
 from tuneprod.trainable import TrialData, train_trial
 
 
+PROBE_TIMEOUT_S = 900  # a GPU busy with other work, or a cluster that never gets one: give up, use whole GPUs
+
+
 @dataclass(frozen=True)
 class SearchOutcome:
     experiment_dir: Path
@@ -139,14 +142,16 @@ def _packed(spec: Spec, data: TrialData, cluster: dict, progress: Callable[[str]
              f"{', '.join(map(str, batch_sizes))}; kept for later searches)")
     record = str(Path(spec.data.cache_dir or default_root()) / PROBE_RECORD)
     measure = ray.remote(num_gpus=1, max_calls=1)(measure_gpu)
+    task = measure.remote(backbones, spec.data.image_size, len(data.train.classes), batch_sizes, record)
     try:
-        table = ray.get(measure.remote(backbones, spec.data.image_size, len(data.train.classes), batch_sizes,
-                                       record))
+        table = ray.get(task, timeout=PROBE_TIMEOUT_S)
     except Exception as exc:  # a probe that fails must not stop the search: whole GPUs always work
-        progress(f"tuneprod: warning: the GPU measurement failed ({type(exc).__name__}: "
-                 f"{str(exc).splitlines()[0] if str(exc) else ''}); each trial gets a whole GPU")
+        ray.cancel(task, force=True)
+        cause = getattr(exc, "cause", None) or exc  # a RayTaskError wraps what the task raised
+        progress(f"tuneprod: warning: the GPU measurement failed ({type(cause).__name__}: "
+                 f"{(str(cause) or 'no message').splitlines()[0]}); each trial gets a whole GPU")
         return trial_resources(spec, cluster.get("GPU", 0))
-    packed = PackedResources(table, spec.resources.cpus_per_trial, cluster.get("CPU", 1) / cluster.get("GPU", 1))
+    packed = PackedResources(table, spec.resources.cpus_per_trial, _cpus_per_gpu())
     shares = ", ".join(f"{b} batch {n}: {packed.trials_per_gpu(Hyperparams(backbone=b, batch_size=n))}"
                        for b in backbones for n in batch_sizes)
     progress(f"tuneprod: trials per {table.gpu_name}: {shares}")
@@ -200,6 +205,12 @@ def summarise(spec: Spec, grid, images: DecodedImages, progress: Callable[[str],
         return SearchOutcome(spec.experiment_dir, len(table), failed, stopped, None, images)
     progress(f"tuneprod: best {metric} {best:.4f}; configuration in {spec.experiment_dir / results.BEST_CONFIG}")
     return SearchOutcome(spec.experiment_dir, len(table), failed, stopped, best, images)
+
+
+def _cpus_per_gpu() -> float:
+    """On the GPU nodes (a CPU-only head node's CPUs cannot feed a GPU), the fewest CPUs per GPU."""
+    gpu_nodes = [node["Resources"] for node in ray.nodes() if node["Alive"] and node["Resources"].get("GPU")]
+    return min((r.get("CPU", 0) / r["GPU"] for r in gpu_nodes), default=1.0)
 
 
 def _start_ray(address: Optional[str], progress: Callable[[str], None]) -> None:
