@@ -128,3 +128,30 @@ def test_an_unwritable_cache_folder_is_one_clear_error(image_set, tmp_path):
     blocker.write_text("a file where the cache folder should be")
     with pytest.raises(DataError, match="data.cache_dir: cannot write the decoded-image cache in .*not_a_folder"):
         DecodedCache.of(image_set.paths, 16, blocker / "cache").ensure()
+
+
+def test_readers_never_build(image_set, tmp_path):
+    # A reader may be a DataLoader worker (which may not start processes) or a prefetch thread: only ensure() builds.
+    store = DecodedCache.of(image_set.paths, 16, tmp_path / "c")
+    with pytest.raises(RuntimeError, match="not built; call ensure"):
+        store.images()
+    assert not store.ready()
+
+
+def test_processes_decode_only_where_forking_is_safe(monkeypatch):
+    from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
+
+    monkeypatch.setattr(cache.threading, "active_count", lambda: 1)  # as if the earlier tests left no threads
+    assert isinstance(cache._pool(2, many=True), ProcessPoolExecutor)
+    assert isinstance(cache._pool(2, many=False), ThreadPoolExecutor)  # a small set: done before forks start
+    monkeypatch.setattr(cache.threading, "active_count", lambda: 2)  # as in a Ray worker, which runs threads
+    assert isinstance(cache._pool(2, many=True), ThreadPoolExecutor)
+
+
+def test_a_large_set_is_decoded_by_processes_into_the_same_store(tmp_path, monkeypatch):
+    monkeypatch.setattr(cache, "PROCESSES_FROM", 10)
+    monkeypatch.setattr(cache.threading, "active_count", lambda: 1)
+    image_set = index_images(write_image_folder(tmp_path / "i", per_class=8))
+    images = decoded(image_set, 20, tmp_path / "c")
+    assert all(np.array_equal(images.cache.images()[r], decode_resized(image_set.paths[r], 20))
+               for r in range(len(image_set)))
