@@ -119,7 +119,7 @@ class DecodedCache:
             os.rename(partial, self.folder)
             _fsync(root)
         progress(f"tuneprod: decoded {len(self.paths)} images in {elapsed:.1f} s "
-                 f"({len(self.paths) / max(elapsed, 1e-9):.0f} img/s with {workers} workers) into {self.folder}")
+                 f"({len(self.paths) / max(elapsed, 1e-9):.0f} img/s, {workers} in parallel) into {self.folder}")
 
     def _decode_all(self, target: Path, progress: Callable[[str], None], workers: int) -> np.ndarray:
         count = len(self.paths)
