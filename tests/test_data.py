@@ -1,6 +1,4 @@
-"""Indexing, the unreadable-image scan, the stratified split and RGB loading."""
-from pathlib import Path
-
+"""Indexing, the stratified split, RGB loading and decoding to the training size."""
 import numpy as np
 import pandas as pd
 import pytest

@@ -1,5 +1,4 @@
 """How many trials share a GPU, from hand-picked probe measurements."""
-import pytest
 import torch
 
 from tuneprod.packing import PackingTable, ProbePoint, probe, probe_batches, trials_per_gpu
