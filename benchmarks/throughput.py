@@ -18,6 +18,7 @@ import os
 import sys
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import cv2
@@ -54,10 +55,11 @@ def main() -> None:
         limit.train_batches = SyntheticBatches(len(images), args.batch, args.size, len(image_set.classes), device)
         baseline = TrainingRun(config, image_set.classes, images, device=device)
         baseline.train_batches = FolderBatches(folder, config, baseline.preprocessing, args.batch, workers, device)
+        cpu_augment = replace(config, hp=replace(config.hp, augment_device="cpu"))
         rates = _interleaved({"limit": limit,
                               "tuneprod": TrainingRun(config, image_set.classes, images, device=device),
-                              "tuneprod, augment on CPU": TrainingRun(_with(config, augment_device="cpu"),
-                                                                      image_set.classes, images, device=device),
+                              "tuneprod, augment on CPU": TrainingRun(cpu_augment, image_set.classes, images,
+                                                                      device=device),
                               "baseline": baseline}, args.epochs)
 
         for name, rate in rates.items():
@@ -88,11 +90,6 @@ def _arguments() -> argparse.Namespace:
 def _config(args: argparse.Namespace, workers: int) -> TrialConfig:
     hp = Hyperparams(backbone=args.model, batch_size=args.batch, augment=args.policy, lr=1e-3, optimizer="adamw")
     return TrialConfig(hp, image_size=args.size, epochs=args.epochs + 1, workers=workers)
-
-
-def _with(config: TrialConfig, **hyperparams) -> TrialConfig:
-    fields = {**config.hp.__dict__, **hyperparams}
-    return TrialConfig(Hyperparams(**fields), config.image_size, config.epochs, config.seed, config.workers)
 
 
 def _interleaved(runs: dict[str, TrainingRun], rounds: int) -> dict[str, float]:

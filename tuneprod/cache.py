@@ -15,9 +15,9 @@ import hashlib
 import json
 import os
 import shutil
+import multiprocessing
 import threading
 import time
-import multiprocessing
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
 from pathlib import Path
@@ -123,13 +123,15 @@ class DecodedCache:
 
     def _decode_all(self, target: Path, progress: Callable[[str], None], workers: int) -> np.ndarray:
         count = len(self.paths)
-        np.lib.format.open_memmap(target, mode="w+", dtype=np.uint8, shape=(count, self.size, self.size, 3)).flush()
+        store = np.lib.format.open_memmap(target, mode="w+", dtype=np.uint8, shape=(count, self.size, self.size, 3))
+        data_offset = store.offset  # where the rows start, after the .npy header
+        del store
         readable = np.zeros(count, dtype=bool)
         progress(f"tuneprod: decoding {count} images once at {self.size} px into the cache in "
                  f"{self.root.expanduser()}")
         with _pool(workers, many=count >= PROCESSES_FROM) as pool:
-            chunks = [pool.submit(_decode_rows, target, self.paths[start:start + CHUNK], start, self.size)
-                      for start in range(0, count, CHUNK)]
+            chunks = [pool.submit(_decode_rows, target, data_offset, self.paths[start:start + CHUNK], start,
+                                  self.size) for start in range(0, count, CHUNK)]
             try:
                 for done, chunk in enumerate(as_completed(chunks), start=1):
                     start, decoded_ok = chunk.result()
@@ -160,9 +162,10 @@ def _fsync(path: Path) -> None:
         os.close(descriptor)
 
 
-def _decode_rows(target: Path, paths: Sequence[Path], start: int, size: int) -> tuple[int, list[bool]]:
-    """Decodes `paths` into rows start.. of the store; says which decoded."""
-    data_offset = np.load(target, mmap_mode="r").offset  # where the rows start, after the .npy header
+def _decode_rows(target: Path, data_offset: int, paths: Sequence[Path], start: int,
+                 size: int) -> tuple[int, list[bool]]:
+    """Decodes `paths` into rows start.. of the store, whose rows begin `data_offset` bytes into the file; says
+    which decoded."""
     row_bytes = size * size * 3
     decoded_ok = []
     # pwrite, not a writable mapping: writing through a map faults in every fresh page, which serialises the

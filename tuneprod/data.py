@@ -169,7 +169,7 @@ def load_rgb(path: Path, at_least: Optional[int] = None) -> np.ndarray:
             image = Image.alpha_composite(background, rgba)
         elif image.mode == "I;16" or image.mode == "I":
             image = Image.fromarray((np.asarray(image, dtype=np.float32) / 256).clip(0, 255).astype(np.uint8))
-        return np.array(image.convert("RGB"))  # writable: torch wraps it without a warning
+        return np.asarray(image.convert("RGB"))
 
 
 def decode_resized(path: Path, size: int) -> np.ndarray:
@@ -200,4 +200,5 @@ class ResizedImages(torch.utils.data.Dataset):
         return len(self.paths)
 
     def __getitem__(self, index: int) -> torch.Tensor:
-        return torch.from_numpy(decode_resized(self.paths[index], self.size))
+        # A copy: an image already at the size comes back as PIL's read-only buffer, which torch will not wrap.
+        return torch.from_numpy(decode_resized(self.paths[index], self.size).copy())

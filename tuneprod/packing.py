@@ -13,7 +13,7 @@ import math
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -130,8 +130,8 @@ def points_to_json(points: Sequence[ProbePoint]) -> list[dict]:
     return [asdict(p) for p in points]
 
 
-def points_from_json(rows: Optional[Sequence[dict]]) -> list[ProbePoint]:
-    return [ProbePoint(**row) for row in rows or ()]
+def points_from_json(rows: Sequence[dict]) -> list[ProbePoint]:
+    return [ProbePoint(**row) for row in rows]
 
 
 @dataclass(frozen=True)

@@ -124,7 +124,7 @@ class _CachedRows(torch.utils.data.Dataset):
 
     def __getitem__(self, index: int) -> Batch:
         pixels = self.images.pixels(np.asarray([index]))[0]
-        return self.transform(image=np.ascontiguousarray(pixels))["image"], int(self.images.labels[index])
+        return self.transform(image=pixels)["image"], int(self.images.labels[index])
 
 
 class _EpochOrder(torch.utils.data.Sampler):
