@@ -9,7 +9,7 @@ import pytest
 from tests.helpers import write_image_folder
 from tuneprod import cache
 from tuneprod.cache import DecodedCache, decoded, fingerprint
-from tuneprod.data import DataError, decode_resized, index_images, stratified_split
+from tuneprod.data import DataError, decode_resized, index_images, validation_split
 
 
 @pytest.fixture
@@ -111,7 +111,7 @@ def test_unreadable_images_that_empty_a_class_are_an_error(image_folder):
 
 def test_split_rows_keep_their_labels(tmp_path):
     image_set = index_images(write_image_folder(tmp_path / "i", per_class=10))
-    train, val = stratified_split(decoded(image_set, 16), 0.2, seed=1)
+    train, val = validation_split(decoded(image_set, 16), 0.2, seed=1)
     assert len(train) == 24 and len(val) == 6 and not set(train.rows) & set(val.rows)
     for part in (train, val):
         assert [image_set.labels[r] for r in part.rows] == part.labels.tolist()

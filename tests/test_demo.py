@@ -54,6 +54,16 @@ def test_test_labels_match_test_files_and_cover_every_class(small_set):
     assert Counter(label for _, label in rows) == {name: 3 for name in class_names}
 
 
+def test_train_manifest_lists_every_photo_with_its_elevation(small_set):
+    out_dir, _ = small_set
+    with open(out_dir / "train.csv", newline="") as manifest:
+        rows = list(csv.DictReader(manifest))
+    assert {row["path"] for row in rows} == {p.relative_to(out_dir).as_posix() for p in (out_dir / "train").rglob("*.png")}
+    assert all(row["path"].split("/")[1] == row["label"] for row in rows)
+    for name in {row["label"] for row in rows}:  # 4 views a class, elevations taken in turn
+        assert Counter(row["elevation"] for row in rows if row["label"] == name) == {"0": 2, "30": 2}
+
+
 def test_test_file_names_do_not_leak_labels(small_set):
     out_dir, _ = small_set
     class_names = [path.name for path in (out_dir / "train").iterdir()]
@@ -74,7 +84,7 @@ def test_same_seed_gives_same_bytes_and_other_seed_differs(tmp_path):
     for name, seed in (("a", 3), ("b", 3), ("c", 4)):
         generate_demo(tmp_path / name, seed=seed, **SMALL)
     first_files = all_bytes(tmp_path / "a")
-    assert len(first_files) == 16 + 12 + 1
+    assert len(first_files) == 16 + 12 + 2  # images, test_labels.csv, train.csv
     assert first_files == all_bytes(tmp_path / "b")
     first_pngs = {data for name, data in first_files.items() if name.endswith(".png")}
     other_pngs = {data for name, data in all_bytes(tmp_path / "c").items() if name.endswith(".png")}

@@ -6,7 +6,7 @@ import torch
 
 from tests.helpers import write_image_folder
 from tuneprod.cache import decoded
-from tuneprod.data import index_images, stratified_split
+from tuneprod.data import index_images, validation_split
 from tuneprod.loop import NonFiniteLoss, TrainingRun, build_optimizer, lr_factor
 from tuneprod.spec import Hyperparams, TrialConfig
 
@@ -39,7 +39,7 @@ def test_optimizers():
 
 def small_run(tmp_path, **hyperparams):
     image_set = decoded(index_images(write_image_folder(tmp_path / "images", per_class=8)), 32)
-    train, val = stratified_split(image_set, 0.25, seed=0)
+    train, val = validation_split(image_set, 0.25, seed=0)
     hp = Hyperparams(**{"backbone": "test_resnet", "batch_size": 8, "lr": 3e-3, **hyperparams})
     return TrainingRun(TrialConfig(hp, image_size=32, epochs=3), image_set.classes, train, val)
 

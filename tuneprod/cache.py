@@ -217,13 +217,15 @@ class DecodedImages:
     rows: np.ndarray
     labels: np.ndarray
     classes: tuple[str, ...]
+    groups: Optional[np.ndarray] = None  # each image's validation group (data.val_groups)
 
     def __len__(self) -> int:
         return len(self.rows)
 
     def subset(self, indices: Sequence[int]) -> "DecodedImages":
         indices = np.asarray(indices, dtype=np.int64)
-        return DecodedImages(self.cache, self.rows[indices], self.labels[indices], self.classes)
+        groups = None if self.groups is None else self.groups[indices]
+        return DecodedImages(self.cache, self.rows[indices], self.labels[indices], self.classes, groups)
 
     def pixels(self, indices: np.ndarray) -> np.ndarray:
         """The uint8 images at these positions (sorted rows read the file in order)."""
@@ -238,7 +240,8 @@ def decoded(image_set: ImageSet, size: int, root: Optional[Path] = None, field_n
     warn_unreadable([p for p, ok in zip(image_set.paths, readable) if not ok])
     kept = np.flatnonzero(readable)
     check_class_sizes(image_set.subset(kept), field_name)
-    return DecodedImages(cache, kept, np.asarray(image_set.labels, dtype=np.int64)[kept], image_set.classes)
+    groups = None if image_set.groups is None else np.asarray(image_set.groups)[kept]
+    return DecodedImages(cache, kept, np.asarray(image_set.labels, dtype=np.int64)[kept], image_set.classes, groups)
 
 
 def labelled_images(spec: Spec, progress: Callable[[str], None] = print) -> DecodedImages:
@@ -248,10 +251,10 @@ def labelled_images(spec: Spec, progress: Callable[[str], None] = print) -> Deco
         try:
             generate_demo(spec.data.demo, size=spec.data.image_size)
         except FileExistsError:
-            raise DataError(f"{spec.path}: data.demo: the folder {spec.data.demo} holds other files but no train/; "
-                            f"point data.demo at a new folder") from None
+            raise DataError(f"{spec.path}: data.demo: the folder {spec.data.demo} holds other files but no "
+                            f"train.csv; point data.demo at a new folder") from None
     try:
-        image_set = index_images(spec.data.train_path, "data.train")
+        image_set = index_images(spec.data.train_path, "data.train", spec.data.val_groups)
         return decoded(image_set, spec.data.image_size, spec.data.cache_dir, "data.train", progress)
     except DataError as exc:
         raise DataError(f"{spec.path}: {exc}") from None

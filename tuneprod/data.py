@@ -3,6 +3,7 @@ image file to the pixels a model sees (`decode_resized`), which the decoded cach
 from __future__ import annotations
 
 import os
+import re
 import sys
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -26,17 +27,21 @@ class DataError(UserError):
 
 @dataclass(frozen=True)
 class ImageSet:
-    """Image paths with integer labels indexing `classes`."""
+    """Image paths with integer labels indexing `classes`, and each image's validation group when
+    data.val_groups names one."""
 
     paths: tuple[Path, ...]
     labels: tuple[int, ...]
     classes: tuple[str, ...]
+    groups: Optional[tuple[str, ...]] = None
 
     def __len__(self) -> int:
         return len(self.paths)
 
     def subset(self, indices: Sequence[int]) -> "ImageSet":
-        return ImageSet(tuple(self.paths[i] for i in indices), tuple(self.labels[i] for i in indices), self.classes)
+        groups = None if self.groups is None else tuple(self.groups[i] for i in indices)
+        return ImageSet(tuple(self.paths[i] for i in indices), tuple(self.labels[i] for i in indices), self.classes,
+                        groups)
 
 
 def list_images(folder: Path) -> list[Path]:
@@ -49,21 +54,52 @@ def list_images(folder: Path) -> list[Path]:
     return found
 
 
-def index_images(source: Path, field: str = "data.train") -> ImageSet:
-    """Indexes a class-per-folder tree or a `path,label` manifest; raises DataError before any training."""
+def index_images(source: Path, field: str = "data.train", val_groups: Optional[str] = None) -> ImageSet:
+    """Indexes a class-per-folder tree or a `path,label` manifest; raises DataError before any training.
+    `val_groups`: a manifest column, or a regular expression whose first group is read from each image's path
+    (relative to the folder or manifest), giving each image its validation group."""
     source = Path(source)
     if not source.exists():
         raise DataError(f"{field}: the path {source} does not exist; point it at an image folder "
                         f"(root/<class>/*.jpg) or a CSV/Parquet manifest with columns path,label")
+    columns = {}
     if source.is_dir():
         paths, names = _index_folder(source, field)
+        root = source
     elif source.suffix.lower() in MANIFEST_EXTENSIONS:
-        paths, names = _index_manifest(source, field)
+        paths, names, columns = _index_manifest(source, field)
+        root = source.parent
     else:
         raise DataError(f"{field}: the value is {str(source)!r}, but must be a folder or a .csv/.parquet manifest")
     image_set = _labelled(paths, names)
     check_class_sizes(image_set, field)
+    if val_groups is not None:
+        groups = columns.get(val_groups) or _groups_from_paths(val_groups, paths, root, sorted(columns))
+        image_set = ImageSet(image_set.paths, image_set.labels, image_set.classes, tuple(groups))
     return image_set
+
+
+def _groups_from_paths(pattern: str, paths: Sequence[Path], root: Path, columns: list[str]) -> list[str]:
+    """The first group of `pattern` searched in each path relative to `root`; every path must match."""
+    field = "data.val_groups"
+    regex_hint = r"a regular expression with a group, e.g. '_(\d+)deg\.' or '^([^/]+)/'"
+    expected = f"a column of the manifest ({', '.join(columns)}) or {regex_hint}" if columns else \
+        f"{regex_hint} (only a manifest has columns)"
+    try:
+        regex = re.compile(pattern)
+    except re.error as exc:
+        raise DataError(f"{field}: the value is {pattern!r}, but must be {expected} ({exc})") from None
+    if regex.groups < 1:
+        raise DataError(f"{field}: the value is {pattern!r}, but must be {expected}: it has no (group)")
+    relative = [p.relative_to(root).as_posix() if p.is_relative_to(root) else p.as_posix() for p in paths]
+    matches = [regex.search(text) for text in relative]
+    missed = [text for text, match in zip(relative, matches) if match is None or match.group(1) is None]
+    if missed:
+        how_many = "no image path" if len(missed) == len(relative) else f"{len(relative) - len(missed)} of " \
+                                                                         f"{len(relative)} image paths"
+        raise DataError(f"{field}: the value is {pattern!r}, but matches {how_many} (e.g. not {missed[0]!r}); "
+                        f"it must be {expected} that every path matches")
+    return [match.group(1) for match in matches]
 
 
 def _index_folder(root: Path, field: str) -> tuple[list[Path], list[str]]:
@@ -78,7 +114,8 @@ def _index_folder(root: Path, field: str) -> tuple[list[Path], list[str]]:
     return paths, names
 
 
-def _index_manifest(manifest: Path, field: str) -> tuple[list[Path], list[str]]:
+def _index_manifest(manifest: Path, field: str) -> tuple[list[Path], list[str], dict[str, list[str]]]:
+    """Paths, labels and the manifest's other columns as strings (candidates for data.val_groups)."""
     import pandas as pd
 
     try:
@@ -97,7 +134,14 @@ def _index_manifest(manifest: Path, field: str) -> tuple[list[Path], list[str]]:
         shown = ", ".join(str(p) for p in absent[:3])
         raise DataError(f"{field}: {len(absent)} file(s) listed in {manifest} do not exist (paths are relative "
                         f"to the manifest): {shown}{' ...' if len(absent) > 3 else ''}")
-    return paths, [str(label) for label in table["label"]]
+    others = {str(column): [_cell(value) for value in table[column]] for column in table.columns
+              if column not in ("path", "label")}
+    return paths, [str(label) for label in table["label"]], others
+
+
+def _cell(value) -> str:
+    """A group name; a missing cell is a group of its own rather than NaN, which would never equal itself."""
+    return "" if value is None or (isinstance(value, float) and value != value) else str(value)
 
 
 def _labelled(paths: list[Path], names: list[str]) -> ImageSet:
@@ -141,17 +185,53 @@ def warn_unreadable(unreadable: Sequence[Path]) -> None:
         print(f"tuneprod: warning: skipping {len(unreadable)} unreadable image(s):\n{listing}", file=sys.stderr)
 
 
-def stratified_split(image_set: ImageSet, val_fraction: float, seed: int) -> tuple[ImageSet, ImageSet]:
-    """Per class, a seeded shuffle puts round(n * val_fraction) images (at least 1, at most n - 1) in validation."""
+def validation_split(images, val_fraction: float, seed: int):
+    """(train, val) of an ImageSet or DecodedImages: whole groups held out when the images carry groups
+    (data.val_groups), else single images."""
+    labels = np.asarray(images.labels)
+    if images.groups is None:
+        train, val = stratified_split(labels, val_fraction, seed)
+    else:
+        train, val = grouped_split(labels, np.asarray(images.groups), val_fraction, seed, images.classes)
+    return images.subset(train), images.subset(val)
+
+
+def stratified_split(labels: np.ndarray, val_fraction: float, seed: int) -> tuple[list[int], list[int]]:
+    """Per class, a seeded shuffle puts round(n * val_fraction) images (at least 1, at most n - 1) in validation.
+    Returns sorted (train, val) positions."""
     rng = np.random.default_rng(seed)
-    labels = np.asarray(image_set.labels)
     train, val = [], []
-    for label in range(len(image_set.classes)):
+    for label in np.unique(labels):
         members = rng.permutation(np.flatnonzero(labels == label))
         n_val = min(max(1, round(len(members) * val_fraction)), len(members) - 1)
         val += members[:n_val].tolist()
         train += members[n_val:].tolist()
-    return image_set.subset(sorted(train)), image_set.subset(sorted(val))
+    return sorted(train), sorted(val)
+
+
+def grouped_split(labels: np.ndarray, groups: np.ndarray, val_fraction: float, seed: int,
+                  classes: Sequence[str]) -> tuple[list[int], list[int]]:
+    """Per class, its groups in a seeded random order go to validation one whole group at a time until at least
+    round(n * val_fraction) of its n images (at least 1) are there, while at least one group stays in training.
+    So near-duplicates (one session, one viewpoint) never sit on both sides. Returns sorted (train, val)."""
+    rng = np.random.default_rng(seed)
+    train, val = [], []
+    for label in np.unique(labels):
+        members = np.flatnonzero(labels == label)
+        names = sorted(set(groups[members].tolist()))
+        if len(names) < 2:
+            raise DataError(f"data.val_groups: class {classes[label]!r} has all its {len(members)} images in the "
+                            f"one group {names[0]!r}, which would leave it no training image; every class needs "
+                            f"images in at least two groups (or leave data.val_groups out)")
+        target = max(1, round(len(members) * val_fraction))
+        held: list[int] = []
+        for name in rng.permutation(names)[:-1]:  # the last group in the draw always trains
+            if len(held) >= target:
+                break
+            held += members[groups[members] == name].tolist()
+        val += held
+        train += sorted(set(members.tolist()) - set(held))
+    return sorted(train), sorted(val)
 
 
 def load_rgb(path: Path, at_least: Optional[int] = None) -> np.ndarray:

@@ -23,6 +23,7 @@ import numpy as np
 from PIL import Image
 
 TRAIN_ELEVATIONS = (0.0, 30.0)
+TRAIN_MANIFEST = "train.csv"
 TEST_ELEVATIONS = (0.0, 30.0, 60.0)
 SHAPES = ("box", "can", "bottle")
 STRIPE_ORIENTATIONS = ("hstripes", "vstripes", "dstripes")
@@ -474,8 +475,8 @@ def _views(rng: np.random.Generator, count: int, elevations: tuple[float, ...]) 
     """(azimuth, elevation) pairs: elevations round robin, azimuths spread over a full turn."""
     start = rng.uniform(0, 360)
     jitter = rng.uniform(0, 1, size=count)
-    return [((start + (n + jitter[n]) * 360 / count) % 360, elevations[n % len(elevations)])
-            for n in range(count)]
+    return [((start + (n + jitter[n]) * 360 / count) % 360, elevation)
+            for n, elevation in enumerate(_elevations(count, elevations))]
 
 
 def _render_class(design: Design, class_index: int, count: int, elevations, size: int, seed: int, split: int):
@@ -487,13 +488,25 @@ def _render_class(design: Design, class_index: int, count: int, elevations, size
 
 
 def _write_train(train_dir: Path, designs: list[Design], per_class: int, size: int, seed: int) -> None:
-    """One folder of images per class, at the training elevations."""
+    """One folder of images per class, at the training elevations, and beside it the manifest train.csv
+    (path,label,elevation), whose elevation column data.val_groups can hold out."""
+    rows = []
     for class_index, design in enumerate(designs):
         class_dir = train_dir / design.name
         class_dir.mkdir(parents=True)
         images = _render_class(design, class_index, per_class, TRAIN_ELEVATIONS, size, seed, split=1)
-        for n, pixels in enumerate(images):
+        for n, (pixels, elevation) in enumerate(zip(images, _elevations(per_class, TRAIN_ELEVATIONS))):
             Image.fromarray(pixels).save(class_dir / f"{n:04d}.png")
+            rows.append((f"{train_dir.name}/{design.name}/{n:04d}.png", design.name, f"{elevation:g}"))
+    with open(train_dir.parent / TRAIN_MANIFEST, "w", newline="") as manifest:
+        writer = csv.writer(manifest)
+        writer.writerow(["path", "label", "elevation"])
+        writer.writerows(rows)
+
+
+def _elevations(count: int, elevations: tuple[float, ...]) -> list[float]:
+    """The elevation of each of `count` views, as _views assigns them."""
+    return [elevations[n % len(elevations)] for n in range(count)]
 
 
 def _write_test(test_dir: Path, designs: list[Design], per_class: int, size: int, seed: int) -> None:

@@ -159,6 +159,9 @@ class DataSpec(_Strict):
     test: Optional[Path] = None
     demo: Optional[Path] = None
     val_fraction: float = Field(0.2, gt=0, lt=1)
+    # Hold out whole groups (a manifest column, or a regex whose first group is read from each image's path)
+    # instead of single images; see data.grouped_split for the rule.
+    val_groups: Optional[str] = Field(None, min_length=1)
     image_size: int = Field(224, ge=16, le=2048)
     workers: Optional[int] = Field(None, ge=0)
     # The decoded-image cache, on node-local disk; default $TUNEPROD_CACHE or ~/.cache/tuneprod.
@@ -173,7 +176,8 @@ class DataSpec(_Strict):
 
     @property
     def train_path(self) -> Path:
-        return self.train if self.train is not None else self.demo / "train"
+        # The demo's manifest carries each photo's camera elevation, for val_groups: elevation.
+        return self.train if self.train is not None else self.demo / "train.csv"
 
     @property
     def test_path(self) -> Optional[Path]:

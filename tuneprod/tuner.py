@@ -18,7 +18,7 @@ from ray.tune.search.optuna import OptunaSearch
 
 from tuneprod import results
 from tuneprod.cache import DecodedImages, default_root, labelled_images
-from tuneprod.data import check_test_images, stratified_split
+from tuneprod.data import DataError, check_test_images, validation_split
 from tuneprod.models import WeightsError, ensure_pretrained_weights
 from tuneprod.packing import PROBE_RECORD, PackingTable, measure_gpu
 from tuneprod.space import DefineByRun, sampler
@@ -94,14 +94,19 @@ def _trial_data(spec: Spec, progress: Callable[[str], None]) -> tuple[DecodedIma
     resumed search validates on the same images."""
     labelled = labelled_images(spec, progress)
     check_test_images(spec)
-    train, val = stratified_split(labelled, spec.data.val_fraction, spec.search.seed)
+    try:
+        train, val = validation_split(labelled, spec.data.val_fraction, spec.search.seed)
+    except DataError as exc:
+        raise DataError(f"{spec.path}: {exc}") from None
     for backbone in spec.pretrained_backbones():
         progress(f"tuneprod: fetching pretrained weights for {backbone} (once, before the trials)")
         try:
             ensure_pretrained_weights(backbone, spec.data.image_size)
         except WeightsError as exc:
             raise WeightsError(f"{spec.path}: {exc}") from None
-    progress(f"tuneprod: {len(labelled.classes)} classes, {len(train)} training and {len(val)} validation images")
+    held_out = f" (whole groups of data.val_groups: {spec.data.val_groups})" if spec.data.val_groups else ""
+    progress(f"tuneprod: {len(labelled.classes)} classes, {len(train)} training and {len(val)} validation "
+             f"images{held_out}")
     return labelled, TrialData(train=train, val=val, image_size=spec.data.image_size,
                                max_epochs=spec.search.scheduler.max_epochs, seed=spec.search.seed,
                                workers=spec.dataloader_workers)
