@@ -1,5 +1,7 @@
 """The whole path through Ray on the real demo space, shrunk: search (Optuna TPE + ASHA) -> table -> retrain ->
 predict. Slow (about a minute on 2 cores): select with -m slow, skip with -m 'not slow'."""
+import json
+import re
 import signal
 import subprocess
 import sys
@@ -35,6 +37,7 @@ def test_search_retrain_predict(tmp_path, ray_two_cpus, monkeypatch):
                 "scheduler": {"type": "asha", "max_epochs": 2, "grace_period": 1, "reduction_factor": 2},
                 # inception_v3 cannot run on 32 px images: the first trial fails, and the search must go on.
                 "start_from": [{"backbone": "inception_v3", "batch_size": 16}]},
+        final={"members": 2, "seeds": 1, "tta": ["flip", "scale"]},
     )
     raw = yaml.safe_load(space.read_text())
     raw["space"]["backbone"] = {"choice": ["test_resnet", "test_efficientnet", "inception_v3"]}
@@ -58,7 +61,12 @@ def test_search_retrain_predict(tmp_path, ray_two_cpus, monkeypatch):
 
     best = yaml.safe_load((experiment / "best_config.yaml").read_text())
     assert best["backbone"] == table.iloc[0]["backbone"] and best["lr"] == pytest.approx(table.iloc[0]["lr"])
-    assert (experiment / "final" / "model.safetensors").is_file()
+    # The final stage: the two best distinct healthy configurations, trained as Ray tasks, soft-voted.
+    ensemble = json.loads((experiment / "final" / "ensemble.json").read_text())
+    assert ensemble["vote"] == ensemble["members"] == ["member_1", "member_2"] and ensemble["tta"] == ["flip", "scale"]
+    sources = [json.loads((experiment / "final" / m / "model.json").read_text())["source_trial"]
+               for m in ensemble["members"]]
+    assert sources == healthy["trial_id"].head(2).tolist()
     predictions = pd.read_csv(experiment / "predictions.csv")
     classes = {p.name for p in (tmp_path / "demo" / "train").iterdir()}
     assert len(predictions) == 12 and set(predictions["label"]) <= classes
@@ -69,7 +77,8 @@ def test_search_retrain_predict(tmp_path, ray_two_cpus, monkeypatch):
                              str(tmp_path / "demo" / "test"), "--out", str(tmp_path / "p.csv")],
                             capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
-    assert "accuracy" in result.stdout and len(pd.read_csv(tmp_path / "p.csv")) == 12
+    assert re.search(r"accuracy \S+ \(member_1 \S+, member_2 \S+\)", result.stdout), result.stdout
+    assert len(pd.read_csv(tmp_path / "p.csv")) == 12
 
     # A second search with the same name goes to a new folder; its only trial (the failing start point) fails,
     # which ends the search with a user error rather than a retrain of nothing.
@@ -109,4 +118,4 @@ def test_interrupted_search_resumes_from_checkpoints(tmp_path, ray_two_cpus):
         # Continued from its checkpoint, not restarted: epoch 1 ran once. (The epoch after the last checkpoint
         # Ray recorded may run twice.)
         assert epochs.count(1) == 1 and sorted(set(epochs)) == list(range(1, 31)), (progress, epochs)
-    assert (experiment / "final" / "model.safetensors").is_file()
+    assert (experiment / "final" / "member_1" / "model.safetensors").is_file()

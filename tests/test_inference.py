@@ -1,6 +1,10 @@
 """The self-describing model folder and predictions from it."""
+import dataclasses
 import json
+import re
 import shutil
+import subprocess
+import sys
 
 import pandas as pd
 import pytest
@@ -9,7 +13,9 @@ import torch
 from tests.helpers import write_image_folder
 from tuneprod import artifact
 from tuneprod.cache import decoded
-from tuneprod.data import DataError, index_images
+from tuneprod.batch_augment import normalise
+from tuneprod.data import DataError, decode_resized, index_images
+from tuneprod.ensemble import soft_vote, view_probabilities
 from tuneprod.loop import TrainingRun
 from tuneprod.inference import predict
 from tuneprod.spec import Hyperparams, TrialConfig
@@ -42,7 +48,9 @@ def test_artifact_describes_itself_and_reloads_identically(trained):
     assert metadata["classes"] == ["blue", "green", "red"]
     assert metadata["preprocessing"]["image_size"] == 32 and len(metadata["preprocessing"]["mean"]) == 3
     assert metadata["hyperparams"]["backbone"] == "test_efficientnet"
-    model, _ = artifact.load(model_dir, torch.device("cpu"))
+    ensemble = artifact.load(model_dir, torch.device("cpu"))  # a single-model folder: a one-member ensemble
+    assert ensemble.vote == ("final",) and ensemble.tta == ("flip",) and ensemble.image_size == 32
+    model = ensemble.members["final"].model
     x = torch.randn(2, 3, 32, 32)
     run.model.eval()
     with torch.no_grad():
@@ -68,8 +76,8 @@ def test_predictions_csv_and_accuracy(trained, tmp_path):
 
 def test_tta_changes_confidences_but_not_the_file_list(trained, tmp_path):
     _, model_dir, test_dir = trained
-    plain = pd.read_csv(predict(model_dir, test_dir, tmp_path / "a.csv", tta=False, progress=lambda _: None).out)
-    flipped = pd.read_csv(predict(model_dir, test_dir, tmp_path / "b.csv", tta=True, progress=lambda _: None).out)
+    plain = pd.read_csv(predict(model_dir, test_dir, tmp_path / "a.csv", tta=(), progress=lambda _: None).out)
+    flipped = pd.read_csv(predict(model_dir, test_dir, tmp_path / "b.csv", tta=("flip",), progress=lambda _: None).out)
     assert plain["file"].tolist() == flipped["file"].tolist()
     assert not plain["confidence"].equals(flipped["confidence"])
 
@@ -103,3 +111,68 @@ def test_saving_over_an_old_model_replaces_it_whole(trained, tmp_path):
     artifact.save(target, run.model, run.classes, run.preprocessing, run.config, {})
     assert sorted(p.name for p in target.iterdir()) == ["model.json", "model.safetensors"]
     assert [p.name for p in tmp_path.iterdir()] == ["final"]  # no staging folder left behind
+
+
+@pytest.fixture(scope="module")
+def ensemble_dir(trained, tmp_path_factory):
+    """Two members (the trained model and a second, differently seeded one) and their soup, as the final stage
+    writes them."""
+    run, _, _ = trained
+    folder = tmp_path_factory.mktemp("e") / "final"
+    other = TrainingRun(dataclasses.replace(run.config, seed=5, epochs=1), run.classes, run.train_batches.images)
+    other.step()
+    for name, member in (("member_1", run), ("member_2", other)):
+        artifact.write_model(folder / name, member.model, run.classes, run.preprocessing, member.config, {})
+    soups = {"soup_1": ["member_1", "member_2"]}
+    artifact.write_model(folder / "soup_1", run.model, run.classes, run.preprocessing, run.config,
+                         {"soup_of": soups["soup_1"]})
+    artifact.write_ensemble(folder, run.classes, 32, ["member_1", "member_2"], ["member_1", "member_2"], soups,
+                            ("flip", "scale"), {})
+    return folder, run, other
+
+
+def test_ensemble_round_trip_predicts_the_soft_vote(ensemble_dir, trained, tmp_path):
+    folder, run, other = ensemble_dir
+    _, _, test_dir = trained
+    ensemble = artifact.load(folder, torch.device("cpu"))
+    assert ensemble.vote == ("member_1", "member_2") and ensemble.tta == ("flip", "scale")
+    assert set(ensemble.members) == {"member_1", "member_2", "soup_1"}
+    report = predict(folder, test_dir, tmp_path / "p.csv", progress=lambda _: None)
+    table = pd.read_csv(report.out)
+    # The saved ensemble gives what its members, run here by hand, vote.
+    files = sorted(test_dir.glob("*.png"))
+    pixels = torch.stack([torch.from_numpy(decode_resized(f, 32)) for f in files])
+    prep = run.preprocessing
+    images = normalise(pixels, prep["mean"], prep["std"])
+    with torch.no_grad():
+        by_hand = soft_vote([view_probabilities(m.eval(), images, ("flip", "scale")) for m in (run.model, other.model)])
+    expected = by_hand.max(1).values.numpy()
+    assert table["file"].tolist() == [f.name for f in files]
+    assert table["confidence"].to_numpy() == pytest.approx(expected, abs=1e-4)
+    # Each member is scored beside the ensemble when labels exist.
+    assert set(report.member_accuracy) == {"member_1", "member_2", "soup_1"}
+    assert all(0 <= v <= 1 for v in report.member_accuracy.values()) and "member_2" in report.summary()
+
+
+def test_ensemble_predicts_from_the_command_line(ensemble_dir, trained, tmp_path):
+    folder, _, _ = ensemble_dir
+    _, _, test_dir = trained
+    result = subprocess.run([sys.executable, "-m", "tuneprod.cli", "predict", str(folder), str(test_dir),
+                             "--out", str(tmp_path / "p.csv"), "--tta", "flip,crops"], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert re.search(r"accuracy \d\.\d{4} \(member_1 \d\.\d{4}, member_2 \d\.\d{4}, soup_1", result.stdout)
+    bad = subprocess.run([sys.executable, "-m", "tuneprod.cli", "predict", str(folder), str(test_dir), "--tta", "spin"],
+                         capture_output=True, text=True)
+    assert bad.returncode == 2 and "must be views from flip, scale, crops" in bad.stderr
+
+
+def test_damaged_ensemble_description_is_one_line(ensemble_dir, tmp_path):
+    folder, _, _ = ensemble_dir
+    copy = tmp_path / "final"
+    shutil.copytree(folder, copy)
+    (copy / "ensemble.json").write_text('{"format": "tuneprod-ensemble/9"}')
+    with pytest.raises(artifact.ArtifactError, match="format is 'tuneprod-ensemble/9', but must be"):
+        artifact.load(copy, torch.device("cpu"))
+    (copy / "ensemble.json").write_text("{not json")
+    with pytest.raises(artifact.ArtifactError, match="cannot read it"):
+        artifact.load(copy, torch.device("cpu"))

@@ -83,6 +83,11 @@ def test_scientific_notation_is_a_float(tmp_path):
      "resources.gpus_per_trial: the value is 'half', but must be 'auto' or a fraction of one GPU in [0, 1]"),
     ("data: {train: x}\nresources: {gpus_per_trial: 2}\n", "resources.gpus_per_trial: the value is 2"),
     ("data: {train: x}\nretrain: {epochs: many}\n", "retrain.epochs: the value is 'many', but must be 'auto' or"),
+    ("data: {train: x}\nfinal: {members: 0}\n", "final.members: the value is 0, but must be >= 1"),
+    ("data: {train: x}\nfinal: {tta: [flip, spin]}\n", "final.tta: the value is ['flip', 'spin'], but must be a list of views"),
+    ("data: {train: x}\nfinal: {soups: true}\n", "final.soups: unknown key"),
+    ("data: {train: x}\nfinal: {}\nretrain: {}\n", "retrain: the older name of the final section; keep only final"),
+    ("data: {train: x, val_groups: ''}\n", "data.val_groups: the value is '', but must be"),
     ("data: {train: x}\nname: 2024\n", "name: the value is 2024, but must be a string"),
     ("data: [1,\n", "space.yaml: not valid YAML at line 2"),
     ("- just a list\n", "must hold a mapping"),
@@ -135,7 +140,7 @@ def test_overrides_replace_fields_before_validation(tmp_path):
 
 def test_demo_folder_supplies_train_and_test(tmp_path):
     spec = load_spec(write(tmp_path, "data: {demo: d}\n"))
-    assert spec.data.train_path == Path.cwd() / "d" / "train"
+    assert spec.data.train_path == Path.cwd() / "d" / "train.csv"  # the manifest, with each photo's elevation
     assert spec.data.test_path == Path.cwd() / "d" / "test"
 
 

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Callable, Optional, Union
+from typing import Callable, Optional, Sequence, Union
 
 PathLike = Union[str, Path]
 
@@ -24,8 +24,9 @@ def data_overrides(data: Optional[PathLike], test: Optional[PathLike]) -> dict:
 def search(space: PathLike, *, data: Optional[PathLike] = None, test: Optional[PathLike] = None,
            num_samples: Optional[int] = None, name: Optional[str] = None, storage: Optional[PathLike] = None,
            address: Optional[str] = None, retrain: bool = True, progress: Callable[[str], None] = print):
-    """Runs the search a space file describes, then (unless retrain=False) retrains the best configuration on all
-    labelled data and predicts the test images. Returns the SearchOutcome."""
+    """Runs the search a space file describes, then (unless retrain=False) the final stage: the best
+    configurations trained on all labelled data, combined, and the test images predicted. Returns the
+    SearchOutcome."""
     from tuneprod.spec import load_spec
     from tuneprod.tuner import run_search
 
@@ -34,41 +35,42 @@ def search(space: PathLike, *, data: Optional[PathLike] = None, test: Optional[P
         if value is not None:
             overrides[key] = value
     spec = load_spec(space, overrides)
-    return _finish(spec, run_search(spec, address=address, progress=progress), retrain, progress)
+    return _finish(spec, run_search(spec, address=address, progress=progress), retrain, address, progress)
 
 
-def _finish(spec, outcome, retrain: bool, progress: Callable[[str], None]):
+def _finish(spec, outcome, retrain: bool, address: Optional[str], progress: Callable[[str], None]):
     from tuneprod.refit import retrain_and_predict
     from tuneprod.spec import UserError
 
     if outcome.best_value is None:
         raise UserError(f"every trial failed; see the error column of {outcome.experiment_dir / 'trials.csv'}")
-    if retrain and spec.retrain.enabled:
-        retrain_and_predict(outcome.experiment_dir, progress, images=outcome.images)
+    if retrain and spec.final.enabled:
+        retrain_and_predict(outcome.experiment_dir, progress, images=outcome.images, address=address)
     return outcome
 
 
 def resume(experiment: PathLike, *, address: Optional[str] = None, retrain: bool = True,
            progress: Callable[[str], None] = print):
-    """Continues an interrupted search from its folder, then retrains and predicts like `search`."""
+    """Continues an interrupted search from its folder, then runs the final stage like `search`."""
     from tuneprod.refit import load_experiment
     from tuneprod.tuner import resume_search
 
     spec = load_experiment(Path(experiment))
-    return _finish(spec, resume_search(spec, address=address, progress=progress), retrain, progress)
+    return _finish(spec, resume_search(spec, address=address, progress=progress), retrain, address, progress)
 
 
-def retrain(experiment: PathLike, progress: Callable[[str], None] = print) -> Path:
-    """Retrains an experiment's best configuration on all labelled data into <experiment>/final (and predicts
-    the spec's test images, if any). Returns the model folder."""
+def retrain(experiment: PathLike, *, address: Optional[str] = None, progress: Callable[[str], None] = print) -> Path:
+    """Runs an experiment's final stage (its best configurations trained on all labelled data, into
+    <experiment>/final) and predicts the spec's test images, if any. Returns the model folder."""
     from tuneprod.refit import retrain_and_predict
 
-    return retrain_and_predict(Path(experiment), progress)
+    return retrain_and_predict(Path(experiment), progress, address=address)
 
 
-def predict(model: PathLike, images: PathLike, out: PathLike = "predictions.csv", tta: Optional[bool] = None,
-            batch_size: int = 64, progress: Callable[[str], None] = print):
-    """Writes file,label,confidence and the top 5 for every image in a folder. Returns a PredictionReport."""
+def predict(model: PathLike, images: PathLike, out: PathLike = "predictions.csv",
+            tta: Optional[Sequence[str]] = None, batch_size: int = 64, progress: Callable[[str], None] = print):
+    """Writes file,label,confidence and the top 5 for every image in a folder. `tta`: test-time views (flip,
+    scale, crops; [] for none; default: as the model was saved). Returns a PredictionReport."""
     from tuneprod.inference import predict as run_predict
 
     return run_predict(Path(model), Path(images), Path(out), tta=tta, batch_size=batch_size, progress=progress)

@@ -16,15 +16,26 @@ def _positive_int(text: str) -> int:
     return int(text)
 
 
+def _views(text: str) -> tuple[str, ...]:
+    from tuneprod.spec import TTA_VIEWS
+
+    views = () if text == "none" else tuple(text.split(","))
+    if not all(view in TTA_VIEWS for view in views) or len(set(views)) != len(views):
+        raise argparse.ArgumentTypeError(f"the value is {text!r}, but must be views from {', '.join(TTA_VIEWS)} "
+                                         f"joined by commas (e.g. flip,scale), or none")
+    return views
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tuneprod", description=__doc__.split("\n")[0])
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    search = commands.add_parser("search", help="search a space, retrain the best configuration, predict the test set",
+    search = commands.add_parser("search", help="search a space, train the final model(s), predict the test set",
                                  description="Runs the trials a search-space YAML describes (Ray Tune, Optuna, ASHA), "
-                                             "writes trials.parquet/.csv and best_config.yaml, then retrains the best "
-                                             "configuration on all labelled data into <experiment>/final and writes "
-                                             "<experiment>/predictions.csv when data.test is set.")
+                                             "writes trials.parquet/.csv and best_config.yaml, then trains the final "
+                                             "stage (the best configurations on all labelled data) into "
+                                             "<experiment>/final and writes <experiment>/predictions.csv when "
+                                             "data.test is set.")
     search.add_argument("space", type=Path, help="search-space YAML, e.g. search_spaces/demo.yaml")
     search.add_argument("--data", type=Path, help="images to use instead of the YAML's: a class-per-folder tree, a "
                                                   "path,label CSV/Parquet manifest, or a folder holding train/ and test/")
@@ -33,7 +44,7 @@ def _parser() -> argparse.ArgumentParser:
     search.add_argument("--name", help="experiment name (default: the YAML's name or file stem)")
     search.add_argument("--storage", type=Path, help="where experiments go (default: ./tuneprod_runs)")
     search.add_argument("--address", help="Ray cluster to join, e.g. auto (default: start Ray on this machine)")
-    search.add_argument("--no-retrain", action="store_true", help="stop after the search")
+    search.add_argument("--no-retrain", action="store_true", help="stop after the search (no final stage)")
 
     resume = commands.add_parser("resume", help="continue an interrupted search",
                                  description="Continues a search that was interrupted (Ctrl-C, a lost driver): "
@@ -43,10 +54,12 @@ def _parser() -> argparse.ArgumentParser:
     resume.add_argument("--address", help="Ray cluster to join (default: start Ray on this machine)")
     resume.add_argument("--no-retrain", action="store_true", help="stop after the search")
 
-    retrain = commands.add_parser("retrain", help="retrain an experiment's best configuration on all labelled data",
-                                  description="Retrains the best trial's configuration on train + validation images "
-                                              "into <experiment>/final, and predicts data.test when it is set.")
+    retrain = commands.add_parser("retrain", help="run an experiment's final stage again",
+                                  description="Trains the final stage's members (the best distinct configurations, "
+                                              "final.members x final.seeds) on train + validation images into "
+                                              "<experiment>/final, and predicts data.test when it is set.")
     retrain.add_argument("experiment", type=Path, help="experiment folder, e.g. tuneprod_runs/demo")
+    retrain.add_argument("--address", help="Ray cluster to train the members on (default: this machine)")
 
     predict = commands.add_parser("predict", help="predict labels for a folder of images",
                                   description="Writes file,label,confidence,top5_labels,top5_confidences; prints the "
@@ -54,8 +67,10 @@ def _parser() -> argparse.ArgumentParser:
     predict.add_argument("model", type=Path, help="model folder, e.g. tuneprod_runs/demo/final")
     predict.add_argument("images", type=Path, help="folder of images (searched recursively) or one image")
     predict.add_argument("--out", type=Path, default=Path("predictions.csv"), help="CSV to write (default: %(default)s)")
-    predict.add_argument("--tta", action=argparse.BooleanOptionalAction, default=None,
-                         help="average with the horizontally flipped image (default: as the model was saved)")
+    predict.add_argument("--tta", type=_views, metavar="VIEWS",
+                         help="test-time views to average, comma-separated from flip, scale, crops, or none "
+                              "(default: as the model was saved)")
+    predict.add_argument("--no-tta", dest="tta", action="store_const", const=(), help="same as --tta none")
     predict.add_argument("--batch-size", type=_positive_int, default=64, help="default: %(default)s")
 
     demo = commands.add_parser("demo-data", help="generate the synthetic product image set",
@@ -80,12 +95,12 @@ def _run(args: argparse.Namespace) -> None:
         outcome = api.resume(args.experiment, address=args.address, retrain=not args.no_retrain)
         _print_done(outcome.experiment_dir)
     elif args.command == "retrain":
-        api.retrain(args.experiment)
+        api.retrain(args.experiment, address=args.address)
     elif args.command == "predict":
         report = api.predict(args.model, args.images, args.out, tta=args.tta, batch_size=args.batch_size)
         print(f"predict: {report.images} predictions written to {report.out}")
         if report.accuracy is not None:
-            print(f"predict: accuracy {report.accuracy:.4f} against test_labels.csv")
+            print(f"predict: accuracy {report.summary()} against test_labels.csv")
     else:
         summary = api.demo_data(args.out_dir, classes=args.classes, train_per_class=args.train_per_class,
                                 test_per_class=args.test_per_class, size=args.size, seed=args.seed)

@@ -1,9 +1,10 @@
-"""Predictions for a folder of images from a saved model: file,label,confidence plus the top 5."""
+"""Predictions for a folder of images from a saved model or ensemble: file,label,confidence plus the top 5 of the
+soft vote, and each member's accuracy beside the ensemble's when labels exist."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable, Optional, Sequence
 
 import pandas as pd
 import torch
@@ -11,8 +12,9 @@ import torch
 from tuneprod import artifact
 from tuneprod.batch_augment import normalise
 from tuneprod.data import IMAGE_EXTENSIONS, DataError, ResizedImages, find_unreadable, list_images, warn_unreadable
+from tuneprod.ensemble import soft_vote, view_probabilities
 from tuneprod.files import atomic_write
-from tuneprod.loop import default_device, predict_logits
+from tuneprod.loop import amp_dtype, autocast, default_device
 
 TEST_LABELS = "test_labels.csv"
 TOP_K = 5
@@ -23,35 +25,60 @@ class PredictionReport:
     out: Path
     images: int
     accuracy: Optional[float]  # when a test_labels.csv sits beside the images
+    member_accuracy: dict[str, float] = field(default_factory=dict)  # each member's (and soup's) own, likewise
+
+    def summary(self) -> str:
+        """The accuracy, with each member's beside it when there are several."""
+        text = f"{self.accuracy:.4f}"
+        if len(self.member_accuracy) > 1:
+            text += " (" + ", ".join(f"{name} {value:.4f}" for name, value in self.member_accuracy.items()) + ")"
+        return text
 
 
-def predict(model_dir: Path, images: Path, out: Path, tta: Optional[bool] = None, batch_size: int = 64,
+def predict(model_dir: Path, images: Path, out: Path, tta: Optional[Sequence[str]] = None, batch_size: int = 64,
             workers: int = 0, progress: Callable[[str], None] = print) -> PredictionReport:
-    """Writes the predictions CSV (atomically) and scores it against test_labels.csv when one is present."""
+    """Writes the predictions CSV (atomically) and scores it against test_labels.csv when one is present.
+    `tta`: the test-time views (default: as the model was saved)."""
     device = default_device()
-    model, metadata = artifact.load(model_dir, device)
+    ensemble = artifact.load(model_dir, device)
     root, paths = _image_paths(Path(images))
     unreadable = set(find_unreadable(paths))
     warn_unreadable(sorted(unreadable))
     paths = [p for p in paths if p not in unreadable]
     if not paths:
         raise DataError(f"{images}: no readable images to predict")
-    prep = metadata["preprocessing"]
-    classes = tuple(metadata["classes"])
-    loader = torch.utils.data.DataLoader(ResizedImages(paths, prep["image_size"]), batch_size=batch_size,
+    files = [p.relative_to(root).as_posix() for p in paths]
+    truth = _truth(root)
+    # Every member is scored when there are labels to score it against; otherwise only the vote is run.
+    scored = list(ensemble.members) if truth is not None else list(ensemble.vote)
+    views = ensemble.tta if tta is None else tuple(tta)
+    loader = torch.utils.data.DataLoader(ResizedImages(paths, ensemble.image_size), batch_size=batch_size,
                                          num_workers=workers, pin_memory=device.type == "cuda")
-    batches = ((normalise(pixels.to(device, non_blocking=True), prep["mean"], prep["std"]), None)
-               for pixels in loader)
-    use_tta = metadata.get("tta", False) if tta is None else tta
-    probabilities = []
-    for logits, _ in predict_logits(model, batches, device, tta=use_tta):
-        probabilities.append(logits.softmax(1).cpu())
-        done = sum(len(p) for p in probabilities)
-        if len(probabilities) % 20 == 0 or done == len(paths):
-            progress(f"predict: {done}/{len(paths)} images")
-    table = _table([p.relative_to(root).as_posix() for p in paths], torch.cat(probabilities), classes)
+    votes, member_labels = [], {name: [] for name in scored}
+    with torch.inference_mode(), autocast(amp_dtype(device)):
+        for pixels in loader:
+            pixels = pixels.to(device, non_blocking=True)
+            probabilities = {name: _member_probabilities(ensemble.members[name], pixels, views) for name in scored}
+            votes.append(soft_vote([probabilities[name] for name in ensemble.vote]).cpu())
+            for name in scored:
+                member_labels[name] += probabilities[name].argmax(1).tolist()
+            done = sum(len(v) for v in votes)
+            if len(votes) % 20 == 0 or done == len(paths):
+                progress(f"predict: {done}/{len(paths)} images")
+    classes = ensemble.classes
+    table = _table(files, torch.cat(votes), classes)
     atomic_write(Path(out), lambda path: table.to_csv(path, index=False))
-    return PredictionReport(Path(out), len(table), _accuracy(table, root))
+    if truth is None:
+        return PredictionReport(Path(out), len(table), None)
+    member_accuracy = {name: _accuracy(files, [classes[i] for i in labels], truth)
+                       for name, labels in member_labels.items()}
+    return PredictionReport(Path(out), len(table), _accuracy(files, table["label"].tolist(), truth),
+                            {name: value for name, value in member_accuracy.items() if value is not None})
+
+
+def _member_probabilities(member: artifact.Member, pixels: torch.Tensor, views: Sequence[str]) -> torch.Tensor:
+    prep = member.preprocessing
+    return view_probabilities(member.model, normalise(pixels, prep["mean"], prep["std"]), views)
 
 
 def _image_paths(images: Path) -> tuple[Path, list[Path]]:
@@ -77,12 +104,18 @@ def _table(files: list[str], probabilities: torch.Tensor, classes: tuple[str, ..
     })
 
 
-def _accuracy(table: pd.DataFrame, root: Path) -> Optional[float]:
+def _truth(root: Path) -> Optional[dict[str, str]]:
+    """{file: label} from the test_labels.csv beside the images, if there is one."""
     labels_file = root / TEST_LABELS
     if not labels_file.is_file():
         return None
     truth = pd.read_csv(labels_file, dtype=str)
     if not {"file", "label"} <= set(truth.columns):
         raise DataError(f"{labels_file}: must have columns file,label")
-    scored = table.merge(truth, on="file", suffixes=("", "_true"))
-    return float((scored["label"] == scored["label_true"]).mean()) if len(scored) else None
+    return dict(zip(truth["file"], truth["label"]))
+
+
+def _accuracy(files: Sequence[str], predicted: Sequence[str], truth: dict[str, str]) -> Optional[float]:
+    """Over the predicted files that have a true label."""
+    hits = [label == truth[file] for file, label in zip(files, predicted) if file in truth]
+    return sum(hits) / len(hits) if hits else None

@@ -54,16 +54,12 @@ def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def predict_logits(model: torch.nn.Module, batches: Iterable, device: torch.device, tta: bool = False) -> Iterator:
-    """Yields (logits, labels) per batch of model-ready images on `device`; with tta, logits average the image and
-    its horizontal mirror."""
+def predict_logits(model: torch.nn.Module, batches: Iterable, device: torch.device) -> Iterator:
+    """Yields (logits, labels) per batch of model-ready images on `device`."""
     model.eval()
     with torch.inference_mode(), autocast(amp_dtype(device)):
         for images, labels in batches:
-            logits = model(images).float()
-            if tta:
-                logits = (logits + model(torch.flip(images, dims=[3])).float()) / 2
-            yield logits, labels
+            yield model(images).float(), labels
 
 
 def amp_dtype(device: torch.device) -> Optional[torch.dtype]:

@@ -1,87 +1,157 @@
-"""The best configuration retrained on all labelled data (train + validation), saved as `final/`, and the test
-predictions written when the spec names test images.
+"""The final stage: the search's best distinct configurations (members) trained on all labelled data (train +
+validation), combined by soft vote (optionally souped), saved as `final/`, then the test predictions.
 
-Epochs: with retrain.epochs 'auto', as many as the best trial had run when its metric peaked (its best_epoch);
-the learning-rate schedule spans exactly those epochs.
+Members: the top `final.members` distinct configurations by the search metric (failed trials never), each with
+`final.seeds` seeds. Epochs: with final.epochs 'auto', as many as the member's trial had run when its metric
+peaked (its best_epoch); the learning-rate schedule spans exactly those epochs.
 """
 from __future__ import annotations
 
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
 
 import torch
+from safetensors.torch import load_file
 
 from tuneprod import artifact, results
 from tuneprod.cache import DecodedImages, labelled_images
 from tuneprod.data import check_test_images
+from tuneprod.ensemble import soup
 from tuneprod.inference import PredictionReport, predict
 from tuneprod.loop import NonFiniteLoss, TrainingRun
+from tuneprod.models import create_model
 from tuneprod.spec import EXPERIMENT_SPEC, Hyperparams, Spec, TrialConfig, UserError, load_spec
 
 FINAL = "final"
 PREDICTIONS = "predictions.csv"
 
 
+class MemberFailed(UserError):
+    """A member's configuration failed on all the data (NaN loss, out of memory); the others go on."""
+
+
 @dataclass(frozen=True)
-class RetrainPlan:
+class MemberPlan:
+    name: str  # its folder in final/
     config: TrialConfig
     trial_id: str
     trial_value: float
+    metric: str
 
 
-def plan_retrain(spec: Spec, experiment_dir: Path) -> RetrainPlan:
+def plan_members(spec: Spec, experiment_dir: Path) -> list[MemberPlan]:
     if not (experiment_dir / results.TRIALS_PARQUET).is_file():
         raise UserError(f"{experiment_dir}: holds no {results.TRIALS_PARQUET}; run `tuneprod search` first")
+    names, metric = spec.space.names(), spec.search.metric
     try:
-        best = results.best_row(results.read_table(experiment_dir), spec.search.metric)
+        rows = results.top_distinct(results.read_table(experiment_dir), metric, names, spec.final.members)
     except ValueError as exc:
         raise UserError(f"{experiment_dir}: {exc}") from None
-    hp = Hyperparams.from_params(results.params_of(best, spec.space.names()))
-    epochs = int(best["best_epoch"]) if spec.retrain.epochs == "auto" else spec.retrain.epochs
-    config = TrialConfig(hp, image_size=spec.data.image_size, epochs=epochs, seed=spec.search.seed,
-                         workers=spec.dataloader_workers)
-    return RetrainPlan(config, str(best["trial_id"]), float(best[spec.search.metric]))
+    plans = []
+    for row in rows:
+        hp = Hyperparams.from_params(results.params_of(row, names))
+        epochs = int(row["best_epoch"]) if spec.final.epochs == "auto" else spec.final.epochs
+        for offset in range(spec.final.seeds):
+            config = TrialConfig(hp, image_size=spec.data.image_size, epochs=epochs, seed=spec.search.seed + offset,
+                                 workers=spec.dataloader_workers)
+            plans.append(MemberPlan(f"member_{len(plans) + 1}", config, str(row["trial_id"]), float(row[metric]),
+                                    metric))
+    return plans
 
 
-def retrain_and_predict(experiment_dir: Path, progress: Callable[[str], None] = print,
-                        images: Optional[DecodedImages] = None) -> Path:
-    """Retrains the experiment's best configuration into final/, then predicts data.test when it is set.
-    `images`: the labelled images the search already indexed and decoded (else they are indexed again, and the
-    decoded cache found again)."""
-    experiment_dir = Path(experiment_dir)
-    spec = load_experiment(experiment_dir)
-    folder = retrain(spec, experiment_dir, progress, images)
-    predict_test(spec, experiment_dir, progress)
-    return folder
-
-
-def retrain(spec: Spec, experiment_dir: Path, progress: Callable[[str], None],
-            images: Optional[DecodedImages]) -> Path:
-    plan = plan_retrain(spec, experiment_dir)
-    labelled = images if images is not None else labelled_images(spec, progress)
-    progress(f"retrain: trial {plan.trial_id}'s configuration ({spec.search.metric} {plan.trial_value:.4f}) on all "
-             f"{len(labelled)} labelled images for {plan.config.epochs} epoch(s)")
-    run = TrainingRun(plan.config, labelled.classes, labelled)
+def train_member(plan: MemberPlan, images: DecodedImages, folder: Path, device: Optional[torch.device] = None,
+                 progress: Callable[[str], None] = print) -> Path:
+    """Trains one member on `images` and writes its model folder. Ray-free: the final stage runs it as a Ray task,
+    and it runs as well in a plain process."""
+    run = TrainingRun(plan.config, images.classes, images, device=device)
     while run.epoch < plan.config.epochs:
         try:
             metrics = run.step()
         except (NonFiniteLoss, torch.OutOfMemoryError) as exc:
-            raise UserError(f"retrain: trial {plan.trial_id}'s configuration failed on all the data at epoch "
-                            f"{run.epoch + 1} ({type(exc).__name__}: {str(exc).splitlines()[0]}); no model was saved. "
-                            f"Set retrain.epochs, or retrain another configuration") from None
-        progress(f"retrain: epoch {metrics['epoch']}/{plan.config.epochs}  train_loss {metrics['train_loss']:.4f}  "
-                 f"{metrics['images_per_s']:.0f} img/s")
-    folder = artifact.save(experiment_dir / FINAL, run.model, labelled.classes, run.preprocessing, plan.config,
-                           {"tta": spec.retrain.tta, "trained_on_images": len(labelled),
-                            "source_trial": plan.trial_id, f"trial_{spec.search.metric}": plan.trial_value})
-    progress(f"retrain: model saved to {folder}")
+            raise MemberFailed(f"{plan.name} (trial {plan.trial_id}'s configuration, seed {plan.config.seed}) failed "
+                               f"at epoch {run.epoch + 1}: {type(exc).__name__}: {str(exc).splitlines()[0]}") from None
+        progress(f"final: {plan.name} epoch {metrics['epoch']}/{plan.config.epochs}  "
+                 f"train_loss {metrics['train_loss']:.4f}  {metrics['images_per_s']:.0f} img/s")
+    return artifact.write_model(folder, run.model, images.classes, run.preprocessing, plan.config,
+                                {"trained_on_images": len(images), "source_trial": plan.trial_id,
+                                 f"trial_{plan.metric}": plan.trial_value})
+
+
+def retrain_and_predict(experiment_dir: Path, progress: Callable[[str], None] = print,
+                        images: Optional[DecodedImages] = None, address: Optional[str] = None) -> Path:
+    """Runs the final stage into final/, then predicts data.test when it is set.
+    `images`: the labelled images the search already indexed and decoded (else they are indexed again, and the
+    decoded cache found again)."""
+    experiment_dir = Path(experiment_dir)
+    spec = load_experiment(experiment_dir)
+    folder = final_stage(spec, experiment_dir, progress, images, address)
+    predict_test(spec, experiment_dir, progress)
     return folder
+
+
+def final_stage(spec: Spec, experiment_dir: Path, progress: Callable[[str], None],
+                images: Optional[DecodedImages], address: Optional[str] = None) -> Path:
+    from tuneprod.remote import train_members  # the Ray side
+
+    plans = plan_members(spec, experiment_dir)
+    labelled = images if images is not None else labelled_images(spec, progress)
+    listing = ", ".join(f"{p.name}: trial {p.trial_id} ({p.metric} {p.trial_value:.4f}, seed {p.config.seed}, "
+                        f"{p.config.epochs} epochs)" for p in plans)
+    progress(f"final: training {len(plans)} member(s) on all {len(labelled)} labelled images: {listing}")
+    staging = artifact.staging_folder(experiment_dir / FINAL)
+    staging.mkdir(parents=True)
+    try:
+        failures = train_members(spec, plans, labelled, staging, progress, address)
+        trained = [plan for plan in plans if plan.name not in failures]
+        if not trained:
+            raise UserError(f"final: every member failed ({'; '.join(failures.values())}); no model was saved. "
+                            f"Set final.epochs, or search again")
+        soups = make_soups(trained, staging, labelled.classes) if spec.final.soup else {}
+        souped = {name for members in soups.values() for name in members}
+        vote = list(soups) + [plan.name for plan in trained if plan.name not in souped]
+        artifact.write_ensemble(staging, labelled.classes, spec.data.image_size, [p.name for p in trained], vote,
+                                soups, spec.final.tta, {"trained_on_images": len(labelled)})
+        folder = artifact.publish(staging, experiment_dir / FINAL)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)  # gone already when published
+    how = f"soft vote of {len(vote)}" if len(vote) > 1 else "one model"
+    soup_note = "".join(f"; {name} averages {', '.join(members)}" for name, members in soups.items())
+    progress(f"final: saved {folder} ({how}{soup_note}; test-time views: {', '.join(spec.final.tta) or 'none'})")
+    return folder
+
+
+def soup_groups(plans: list[MemberPlan]) -> list[list[MemberPlan]]:
+    """Members that share a backbone and its pretrained start, two or more to a group. Members trained from
+    scratch start from different random weights and end in different basins, where an average is meaningless."""
+    groups: dict[str, list[MemberPlan]] = {}
+    for plan in plans:
+        if plan.config.hp.pretrained:
+            groups.setdefault(plan.config.hp.backbone, []).append(plan)
+    return [group for group in groups.values() if len(group) > 1]
+
+
+def make_soups(plans: list[MemberPlan], folder: Path, classes: tuple[str, ...]) -> dict[str, list[str]]:
+    """Writes soup_<n>/ for each group of members that can be averaged; returns {soup: its members}."""
+    soups = {}
+    for number, group in enumerate(soup_groups(plans), start=1):
+        states = [load_file(str(folder / plan.name / artifact.WEIGHTS)) for plan in group]
+        first = group[0]
+        model = create_model(first.config.hp.backbone, len(classes), pretrained=False,
+                             dropout=first.config.hp.dropout, image_size=first.config.image_size)
+        model.load_state_dict(soup(states))
+        metadata = artifact.load_member(folder / first.name, torch.device("cpu"), first.name).metadata
+        name = f"soup_{number}"
+        artifact.write_model(folder / name, model, classes, metadata["preprocessing"], first.config,
+                             {"soup_of": [plan.name for plan in group]})
+        soups[name] = [plan.name for plan in group]
+    return soups
 
 
 def predict_test(spec: Spec, experiment_dir: Path,
                  progress: Callable[[str], None]) -> Optional[PredictionReport]:
-    """Predicts data.test with the retrained model, when the spec names test images."""
+    """Predicts data.test with the final model, when the spec names test images."""
     if spec.data.test_path is None:
         return None
     check_test_images(spec)
@@ -89,7 +159,7 @@ def predict_test(spec: Spec, experiment_dir: Path,
                      workers=spec.dataloader_workers, progress=progress)
     progress(f"predict: {report.images} predictions written to {report.out}")
     if report.accuracy is not None:
-        progress(f"predict: test accuracy {report.accuracy:.4f} (against {spec.data.test_path / 'test_labels.csv'})")
+        progress(f"predict: test accuracy {report.summary()} (against {spec.data.test_path / 'test_labels.csv'})")
     return report
 
 
@@ -100,4 +170,3 @@ def load_experiment(experiment_dir: Path) -> Spec:
         raise UserError(f"{experiment_dir}: not a tuneprod experiment folder (no {EXPERIMENT_SPEC}); pass the "
                         f"folder `tuneprod search` printed, e.g. tuneprod_runs/demo")
     return load_spec(saved).placed(experiment_dir.absolute())
-

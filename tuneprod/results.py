@@ -100,6 +100,22 @@ def best_row(table: pd.DataFrame, metric: str) -> pd.Series:
     return usable.iloc[0]
 
 
+def top_distinct(table: pd.DataFrame, metric: str, param_names: list[str], k: int) -> list[pd.Series]:
+    """The k best usable trials (as best_row counts them) whose configurations differ: a configuration tried twice
+    (a start_from point that TPE proposes again) is one member, at its better trial. Ties keep the table's order."""
+    best_row(table, metric)  # raises when no trial is usable
+    usable = table[table[metric].notna() & (table["status"] == "TERMINATED")]
+    chosen, seen = [], set()
+    for _, row in usable.iterrows():
+        key = tuple(sorted(params_of(row, param_names).items()))
+        if key not in seen:
+            seen.add(key)
+            chosen.append(row)
+        if len(chosen) == k:
+            break
+    return chosen
+
+
 def params_of(row: pd.Series, param_names: list[str]) -> dict:
     """The trial's active parameters with their declared types (parquet stores an int column with gaps as float)."""
     params = {}

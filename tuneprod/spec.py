@@ -38,6 +38,8 @@ AUGMENT_DEVICES = ("gpu", "cpu")
 OPTIMIZERS = ("adamw", "adam", "sgd")
 LR_SCHEDULES = ("cosine", "step", "exponential", "constant")
 DISTRIBUTIONS = ("choice", "uniform", "loguniform", "int")
+# Test-time views, averaged: flip mirrors every view; scale adds a centre zoom; crops adds the four corners.
+TTA_VIEWS = ("flip", "scale", "crops")
 EXPERIMENT_SPEC = "search_space.yaml"  # the validated spec as a search ran it, kept in its experiment folder
 
 
@@ -243,15 +245,32 @@ class ResourcesSpec(_Strict):
         return _auto_or_number(value, lambda v: 0 <= v <= 1, "'auto' or a fraction of one GPU in [0, 1]")
 
 
-class RetrainSpec(_Strict):
+class FinalSpec(_Strict):
+    """The final stage: the top `members` distinct configurations x `seeds`, each trained on all labelled data,
+    soft-voted (optionally souped) with test-time augmentation."""
+
     enabled: bool = True
+    members: int = Field(1, ge=1)
+    seeds: int = Field(1, ge=1)
     epochs: Union[Literal["auto"], int] = "auto"
-    tta: bool = True
+    tta: tuple[str, ...] = ("flip",)
+    soup: bool = False
 
     @field_validator("epochs", mode="before")
     @classmethod
     def _positive(cls, value):
         return _auto_or_number(value, lambda v: v >= 1 and v == int(v), "'auto' or an integer >= 1")
+
+    @field_validator("tta", mode="before")
+    @classmethod
+    def _views(cls, value):
+        if isinstance(value, bool):  # the older form: true meant the mirror
+            return ("flip",) if value else ()
+        expected = f"a list of views from {', '.join(TTA_VIEWS)} (e.g. [flip, scale]), or [] for none"
+        if not isinstance(value, (list, tuple)) or not all(v in TTA_VIEWS for v in value) \
+                or len(set(value)) != len(value):
+            raise ValueError(expected)
+        return tuple(value)
 
 
 @dataclass(frozen=True)
@@ -296,7 +315,7 @@ class Spec:
     data: DataSpec
     search: SearchSpec
     resources: ResourcesSpec
-    retrain: RetrainSpec
+    final: FinalSpec
     space: Space
     name: str
     storage: Path
@@ -336,10 +355,17 @@ class _Document(_Strict):
     data: DataSpec
     search: SearchSpec = SearchSpec()
     resources: ResourcesSpec = ResourcesSpec()
-    retrain: RetrainSpec = RetrainSpec()
+    final: Optional[FinalSpec] = None
+    retrain: Optional[FinalSpec] = None  # the section's older name, still read (experiments saved with it)
     space: dict[str, Any] = {}
     name: Optional[str] = None
     storage: Path = Path("tuneprod_runs")
+
+    @model_validator(mode="after")
+    def _one_final_section(self):
+        if self.final is not None and self.retrain is not None:
+            raise ValueError("retrain: the older name of the final section; keep only final")
+        return self
 
 
 # ---------------------------------------------------------------------------------------------- loading
@@ -387,9 +413,10 @@ def spec_from_dict(raw: dict, path: Path) -> Spec:
     data = doc.data.model_copy(update={k: _absolute(getattr(doc.data, k))
                                        for k in ("train", "test", "demo", "cache_dir")})
     name, storage = doc.name or path.stem, _absolute(doc.storage)
-    document = doc.model_copy(update={"data": data, "name": name, "storage": storage}).model_dump(
-        mode="json", exclude_none=True)
-    return Spec(path=path, data=data, search=search, resources=doc.resources, retrain=doc.retrain,
+    final = doc.final or doc.retrain or FinalSpec()
+    document = doc.model_copy(update={"data": data, "name": name, "storage": storage, "final": final,
+                                      "retrain": None}).model_dump(mode="json", exclude_none=True)
+    return Spec(path=path, data=data, search=search, resources=doc.resources, final=final,
                 space=space, name=name, storage=storage, document=document)
 
 
@@ -415,7 +442,7 @@ def _describe(exc: ValidationError) -> str:
     err = exc.errors()[0]
     loc = ".".join(str(part) for part in err["loc"])
     kind, ctx, value = err["type"], err.get("ctx", {}), err.get("input")
-    if kind == "value_error" and str(ctx.get("error", "")).startswith(("data.", "search.")):
+    if kind == "value_error" and str(ctx.get("error", "")).startswith(("data.", "search.", "retrain:")):
         return str(ctx["error"])
     if kind == "extra_forbidden":
         return f"{loc}: unknown key; remove it or check its spelling"

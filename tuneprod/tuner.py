@@ -55,7 +55,7 @@ def run_search(spec: Spec, address: Optional[str] = None,
     spec.experiment_dir.mkdir(parents=True, exist_ok=True)
     spec.save(spec.experiment_dir / EXPERIMENT_SPEC)
     progress(f"tuneprod: results go to {spec.experiment_dir}")
-    _start_ray(address, progress)
+    start_ray(address, progress)
     tuner = tune.Tuner(
         _trainable(spec, data, address, progress),
         tune_config=tune.TuneConfig(search_alg=_searcher(spec), scheduler=_scheduler(spec),
@@ -82,7 +82,7 @@ def resume_search(spec: Spec, address: Optional[str] = None,
     if not tune.Tuner.can_restore(str(experiment_dir)):
         raise UserError(f"{experiment_dir}: holds no saved search state to resume; start a new search instead")
     images, data = _trial_data(spec, progress)
-    _start_ray(address, progress)
+    start_ray(address, progress)
     tuner = tune.Tuner.restore(str(experiment_dir), trainable=_trainable(spec, data, address, progress),
                                resume_unfinished=True, resume_errored=False, restart_errored=False)
     progress(f"tuneprod: resuming the search in {experiment_dir}")
@@ -218,7 +218,7 @@ def _cpus_per_gpu() -> float:
     return min((r.get("CPU", 0) / r["GPU"] for r in gpu_nodes), default=1.0)
 
 
-def _start_ray(address: Optional[str], progress: Callable[[str], None]) -> None:
+def start_ray(address: Optional[str], progress: Callable[[str], None]) -> None:
     if ray.is_initialized():
         return
     try:

@@ -1,0 +1,43 @@
+"""The final stage's members as Ray tasks: each member trains where the cluster has room for it (on a GPU node
+when trials get GPUs, so a CPU-only head node never trains), several at once where resources allow. On one
+machine the same path runs on the local Ray."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable, Optional
+
+import ray
+import torch
+
+from tuneprod.cache import DecodedImages
+from tuneprod.refit import MemberPlan, train_member
+from tuneprod.spec import Spec
+from tuneprod.tuner import start_ray, trial_resources
+
+
+def _member_task(plan: MemberPlan, images: DecodedImages, folder: str) -> str:
+    # The GPUs Ray assigned, not whether one is visible (as for trials).
+    device = torch.device("cuda" if ray.get_gpu_ids() else "cpu")
+    train_member(plan, images, Path(folder), device)
+    return folder
+
+
+def train_members(spec: Spec, plans: list[MemberPlan], images: DecodedImages, folder: Path,
+                  progress: Callable[[str], None], address: Optional[str] = None) -> dict[str, str]:
+    """Trains every member into folder/<name>; returns {name: why} for those that failed."""
+    start_ray(address, progress)
+    resources = trial_resources(spec, ray.cluster_resources().get("GPU", 0))
+    task = ray.remote(_member_task).options(num_cpus=resources["cpu"], num_gpus=resources["gpu"], max_retries=0)
+    pending = {task.remote(plan, images, str(folder / plan.name)): plan for plan in plans}
+    failures = {}
+    while pending:
+        (done,), _ = ray.wait(list(pending), num_returns=1)
+        plan = pending.pop(done)
+        try:
+            ray.get(done)
+            progress(f"final: {plan.name} trained ({len(plans) - len(pending)}/{len(plans)})")
+        except ray.exceptions.RayError as exc:  # the member raised, or its worker died
+            cause = exc.cause if getattr(exc, "cause", None) is not None else exc
+            failures[plan.name] = str(cause).splitlines()[0] if str(cause) else type(cause).__name__
+            progress(f"final: warning: {failures[plan.name]}; the ensemble goes on without it")
+    return failures
