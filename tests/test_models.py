@@ -40,3 +40,13 @@ def test_weights_that_do_not_fit_are_refused(tmp_path, monkeypatch):
     monkeypatch.setenv("TUNEPROD_WEIGHTS", str(tmp_path))
     with pytest.raises(WeightsError, match="do not fit"):
         ensure_pretrained_weights("test_resnet", 32)
+
+
+def test_cpu_preset_weights_load_offline_from_the_lite_package():
+    # search_spaces/cpu.yaml's backbone: its ImageNet weights come from a PyPI package, with no network.
+    from tuneprod.models import _lite_package_file, _read_state
+
+    shipped = _read_state(_lite_package_file("tf_efficientnet_lite0"))
+    model = create_model("tf_efficientnet_lite0", 7, pretrained=True, dropout=0.0, image_size=64)
+    first_conv = model.state_dict()["conv_stem.weight"]
+    assert any(v.shape == first_conv.shape and torch.equal(v, first_conv) for v in shipped.values())

@@ -23,7 +23,7 @@ def error_for(tmp_path: Path, text: str) -> str:
     return message
 
 
-@pytest.mark.parametrize("name", ["demo.yaml", "effnet.yaml"])
+@pytest.mark.parametrize("name", ["demo.yaml", "effnet.yaml", "cpu.yaml"])
 def test_shipped_spaces_load(name):
     spec = load_spec(SEARCH_SPACES / name)
     assert spec.name == Path(name).stem

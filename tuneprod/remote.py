@@ -3,6 +3,7 @@ when trials get GPUs, so a CPU-only head node never trains), several at once whe
 machine the same path runs on the local Ray."""
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -15,11 +16,14 @@ from tuneprod.spec import Spec
 from tuneprod.tuner import start_ray, trial_resources
 
 
-def _member_task(plan: MemberPlan, images: DecodedImages, folder: str) -> str:
+def _member_task(plan: MemberPlan, images: DecodedImages, folder: str) -> float:
+    """Trains one member; returns its seconds. Its per-epoch lines stay in the worker's log: relayed by Ray, lines
+    from parallel members would interleave and be folded into 'repeated Nx' notes."""
+    started = time.perf_counter()
     # The GPUs Ray assigned, not whether one is visible (as for trials).
     device = torch.device("cuda" if ray.get_gpu_ids() else "cpu")
-    train_member(plan, images, Path(folder), device)
-    return folder
+    train_member(plan, images, Path(folder), device, progress=lambda _: None)
+    return time.perf_counter() - started
 
 
 def train_members(spec: Spec, plans: list[MemberPlan], images: DecodedImages, folder: Path,
@@ -34,8 +38,8 @@ def train_members(spec: Spec, plans: list[MemberPlan], images: DecodedImages, fo
         (done,), _ = ray.wait(list(pending), num_returns=1)
         plan = pending.pop(done)
         try:
-            ray.get(done)
-            progress(f"final: {plan.name} trained ({len(plans) - len(pending)}/{len(plans)})")
+            seconds = ray.get(done)
+            progress(f"final: {plan.name} trained in {seconds:.0f} s ({len(plans) - len(pending)}/{len(plans)})")
         except ray.exceptions.RayError as exc:  # the member raised, or its worker died
             cause = exc.cause if getattr(exc, "cause", None) is not None else exc
             failures[plan.name] = str(cause).splitlines()[0] if str(cause) else type(cause).__name__
