@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Optional, Sequence
+from typing import Callable, Optional, Sequence, Union
 
 import pandas as pd
 import torch
@@ -35,10 +35,10 @@ class PredictionReport:
         return text
 
 
-def predict(model_dir: Path, images: Path, out: Path, tta: Optional[Sequence[str]] = None, batch_size: int = 64,
-            workers: int = 0, progress: Callable[[str], None] = print) -> PredictionReport:
+def predict(model_dir: Path, images: Path, out: Path, tta: Union[Sequence[str], bool, None] = None,
+            batch_size: int = 64, workers: int = 0, progress: Callable[[str], None] = print) -> PredictionReport:
     """Writes the predictions CSV (atomically) and scores it against test_labels.csv when one is present.
-    `tta`: the test-time views (default: as the model was saved)."""
+    `tta`: the test-time views (default: as the model was saved; the older True/False mean the mirror or none)."""
     device = default_device()
     ensemble = artifact.load(model_dir, device)
     root, paths = _image_paths(Path(images))
@@ -51,7 +51,7 @@ def predict(model_dir: Path, images: Path, out: Path, tta: Optional[Sequence[str
     truth = _truth(root)
     # Every member is scored when there are labels to score it against; otherwise only the vote is run.
     scored = list(ensemble.members) if truth is not None else list(ensemble.vote)
-    views = ensemble.tta if tta is None else tuple(tta)
+    views = ensemble.tta if tta is None else ("flip",) if tta is True else () if tta is False else tuple(tta)
     loader = torch.utils.data.DataLoader(ResizedImages(paths, ensemble.image_size), batch_size=batch_size,
                                          num_workers=workers, pin_memory=device.type == "cuda")
     votes, member_labels = [], {name: [] for name in scored}

@@ -7,6 +7,7 @@ peaked (its best_epoch); the learning-rate schedule spans exactly those epochs.
 """
 from __future__ import annotations
 
+import json
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -141,9 +142,9 @@ def make_soups(plans: list[MemberPlan], folder: Path, classes: tuple[str, ...]) 
         model = create_model(first.config.hp.backbone, len(classes), pretrained=False,
                              dropout=first.config.hp.dropout, image_size=first.config.image_size)
         model.load_state_dict(soup(states))
-        metadata = artifact.load_member(folder / first.name, torch.device("cpu"), first.name).metadata
+        preprocessing = json.loads((folder / first.name / artifact.METADATA).read_text())["preprocessing"]
         name = f"soup_{number}"
-        artifact.write_model(folder / name, model, classes, metadata["preprocessing"], first.config,
+        artifact.write_model(folder / name, model, classes, preprocessing, first.config,
                              {"soup_of": [plan.name for plan in group]})
         soups[name] = [plan.name for plan in group]
     return soups
