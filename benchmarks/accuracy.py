@@ -20,7 +20,8 @@ Methods, at one wall-clock budget per set (everything counted: cache, Ray, trial
               Ray task on one core, so alone it takes the same wall time as (c)'s two members side by side.
   (c) final   the same search + final stage: the 2 best distinct configurations on all data, soft vote + TTA.
               Scored from the same members: TTA variants, and the weight-averaged soup (all members share the
-              pretrained lite0 start).
+              pretrained lite0 start). And a second final stage on the same search, for the same wall time:
+              the best configuration with 2 seeds instead of the 2 best configurations (soft vote, and soup).
 Prints a table per set and `final/seed: +X.X pts  final/single: +Y.Y pts` (means over the sets).
 """
 from __future__ import annotations
@@ -173,7 +174,30 @@ def tuneprod_search(name: str, folder: Path, work: Path, budget: float) -> dict:
     return {"wall_s": wall, "trials": len(table), "best_val": outcome.best_value,
             "single": default.member_accuracy.get("member_1", default.accuracy), "final": default.accuracy,
             "tta": {"+".join(v) or "none": r.accuracy for v, r in rows.items()},
-            "soup": soup_accuracy(final, folder, work, ensemble), "members": len(ensemble["members"])}
+            "soup": soup_accuracy(final, folder, work, ensemble), "members": len(ensemble["members"]),
+            "seeds": seeds_variant(outcome.experiment_dir, folder, work)}
+
+
+def seeds_variant(experiment: Path, folder: Path, work: Path) -> dict:
+    """Another final stage on the same search, for the same wall time: the best configuration with two seeds
+    instead of the two best configurations; scored as a soft vote and as a soup."""
+    from tuneprod.refit import retrain_and_predict
+
+    copy = work / "seeds_variant"
+    shutil.rmtree(copy, ignore_errors=True)
+    copy.mkdir()
+    for name in ("trials.parquet", "search_space.yaml"):
+        shutil.copy(experiment / name, copy / name)
+    spec = yaml.safe_load((copy / "search_space.yaml").read_text())
+    spec["final"].update(members=1, seeds=2, soup=False)
+    (copy / "search_space.yaml").write_text(yaml.safe_dump(spec, sort_keys=False))
+    started = time.perf_counter()
+    retrain_and_predict(copy, progress=lambda _: None)
+    final_s = time.perf_counter() - started
+    ensemble = json.loads((copy / "final" / "ensemble.json").read_text())
+    vote = predict(copy / "final", folder / "test", work / "p.csv", progress=lambda _: None)
+    return {"vote": vote.accuracy, "soup": soup_accuracy(copy / "final", folder, work, ensemble),
+            "final_stage_s": final_s}
 
 
 def soup_accuracy(final: Path, folder: Path, work: Path, ensemble: dict) -> float | None:
@@ -231,15 +255,17 @@ def report(results: dict, budget: float) -> None:
     print(f"\nTest accuracy at equal wall-clock budget (search {budget:.0f} s; wall time per method in brackets; "
           f"{os.cpu_count()} CPU cores)\n")
     header = f"{'set':<8} {'(a) seed':>14} {'(b) single':>14} {'(c) final':>14}  {'(c) soup':>9}  " \
-             f"{'TTA none / flip / flip+scale / flip+crops':>42}  search"
+             f"{'1 config x 2 seeds: vote / soup':>31}  {'TTA none / flip / flip+scale / flip+crops':>42}  search"
     print(header)
     gains_seed, gains_single = [], []
     for name, (seed, searched) in results.items():
         tta = " / ".join(f"{v:.3f}" for v in searched["tta"].values())
         soup = "-" if searched["soup"] is None else f"{searched['soup']:.3f}"
+        seeds = searched["seeds"]
+        seeds_text = f"{seeds['vote']:.3f} / " + ("-" if seeds["soup"] is None else f"{seeds['soup']:.3f}")
         print(f"{name:<8} {seed['test_acc']:.3f} ({seed['wall_s']:.0f} s) {searched['single']:.3f} "
               f"({searched['wall_s']:.0f} s) {searched['final']:.3f} ({searched['wall_s']:.0f} s)  {soup:>9}  "
-              f"{tta:>42}  {searched['trials']} trials, best val {searched['best_val']:.3f}; "
+              f"{seeds_text:>31}  {tta:>42}  {searched['trials']} trials, best val {searched['best_val']:.3f}; "
               f"seed: {seed['note']}, val {seed['val_acc']:.3f}")
         gains_seed.append(searched["final"] - seed["test_acc"])
         gains_single.append(searched["final"] - searched["single"])

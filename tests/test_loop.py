@@ -77,3 +77,14 @@ def test_resuming_from_a_state_dict_continues_where_it_stopped(tmp_path):
     got = resumed.step()
     assert got["epoch"] == 2
     assert got["lr"] == pytest.approx(expected["lr"])  # the schedule picks up mid-way, not from the start
+
+
+def test_init_seed_fixes_the_new_weights_and_seed_the_rest(tmp_path):
+    images = decoded(index_images(write_image_folder(tmp_path / "images", per_class=4)), 32)
+    hp = Hyperparams(backbone="test_resnet", batch_size=4)
+    runs = [TrainingRun(TrialConfig(hp, 32, epochs=1, seed=seed, init_seed=init), images.classes, images)
+            for seed, init in ((1, 0), (2, 0), (2, None))]
+    weights = [run.model.state_dict()["fc.weight"] for run in runs]
+    assert torch.equal(weights[0], weights[1]) and not torch.equal(weights[1], weights[2])
+    orders = [list(next(iter(run.train_batches.epoch(0)))[1].tolist()) for run in runs]
+    assert orders[1] == orders[2] and orders[0] != orders[1]  # data order follows seed

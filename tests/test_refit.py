@@ -58,6 +58,7 @@ def test_top_k_distinct_configurations_with_seeds(tmp_path):
     # Failed trials are never chosen, however good; ties keep the search's order.
     assert [p.trial_id for p in plans] == ["a", "a", "tie1", "tie1", "tie2", "tie2"]
     assert [p.config.seed for p in plans] == [7, 8] * 3
+    assert {p.config.weights_seed for p in plans} == {7, 8}  # from scratch: each seed its own start
     assert [p.name for p in plans] == [f"member_{n}" for n in range(1, 7)]
     assert [p.config.epochs for p in plans] == [2, 2, 1, 1, 1, 1]
 
@@ -92,5 +93,6 @@ def test_soups_group_pretrained_members_of_one_backbone(tmp_path):
     plans = plan_members(spec, tmp_path)
     # Pretrained resnets (two configurations x two seeds) share a start, and so do the two seeds of the
     # pretrained efficientnet; the efficientnet trained from scratch is never averaged.
+    assert {p.config.weights_seed for p in plans if p.config.hp.pretrained} == {0}  # one start, head included
     assert [[p.name for p in group] for group in soup_groups(plans)] == [
         ["member_1", "member_2", "member_5", "member_6"], ["member_7", "member_8"]]

@@ -79,11 +79,13 @@ class TrainingRun:
 
     def __init__(self, config: TrialConfig, classes: tuple[str, ...], train: DecodedImages,
                  val: Optional[DecodedImages] = None, device: Optional[torch.device] = None):
-        torch.manual_seed(config.seed)
+        torch.manual_seed(config.weights_seed)
         self.config, self.classes = config, classes
         self.device = device or default_device()
         hp = config.hp
         self.model = create_model(hp.backbone, len(classes), hp.pretrained, hp.dropout, config.image_size)
+        if config.weights_seed != config.seed:
+            torch.manual_seed(config.seed)
         self.preprocessing = {"image_size": config.image_size, **preprocessing(self.model)}
         self.model.to(self.device)
         if self.device.type == "cuda":

@@ -2,7 +2,8 @@
 validation), combined by soft vote (optionally souped), saved as `final/`, then the test predictions.
 
 Members: the top `final.members` distinct configurations by the search metric (failed trials never), each with
-`final.seeds` seeds. Epochs: with final.epochs 'auto', as many as the member's trial had run when its metric
+`final.seeds` seeds (data order, augmentation, mixing; members fine-tuned from pretrained weights share the head's
+initial weights too, so that they can be souped). Epochs: with final.epochs 'auto', as many as the member's trial had run when its metric
 peaked (its best_epoch); the learning-rate schedule spans exactly those epochs.
 """
 from __future__ import annotations
@@ -55,8 +56,11 @@ def plan_members(spec: Spec, experiment_dir: Path) -> list[MemberPlan]:
         hp = Hyperparams.from_params(results.params_of(row, names))
         epochs = int(row["best_epoch"]) if spec.final.epochs == "auto" else spec.final.epochs
         for offset in range(spec.final.seeds):
+            # Members fine-tuned from pretrained weights share their whole start, the new head included, so that
+            # they stay averageable (a soup); from scratch, each seed starts from its own weights.
             config = TrialConfig(hp, image_size=spec.data.image_size, epochs=epochs, seed=spec.search.seed + offset,
-                                 workers=spec.dataloader_workers)
+                                 workers=spec.dataloader_workers,
+                                 init_seed=spec.search.seed if hp.pretrained else None)
             plans.append(MemberPlan(f"member_{len(plans) + 1}", config, str(row["trial_id"]), float(row[metric]),
                                     metric))
     return plans

@@ -79,8 +79,13 @@ class TrialConfig:
     hp: Hyperparams
     image_size: int
     epochs: int  # the lr schedule's horizon and the number of epochs run
-    seed: int = 0
+    seed: int = 0  # data order, augmentation, mixing, dropout
     workers: int = 0
+    init_seed: Optional[int] = None  # the new weights' (the head's, when pretrained); default: seed
+
+    @property
+    def weights_seed(self) -> int:
+        return self.seed if self.init_seed is None else self.init_seed
 
 
 @dataclass(frozen=True)
