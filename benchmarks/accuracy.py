@@ -16,9 +16,11 @@ Methods, at one wall-clock budget per set (everything counted: cache, Ray, trial
               20% random validation, cosine over a fixed number of epochs (as many as the budget holds, from a
               timed first epoch), one model, no TTA
   (b) single  tuneprod search_spaces/cpu.yaml (time_budget_s: --search-budget), then the best configuration
-              retrained on all labelled data with flip TTA: member_1 of (c)'s final stage. One member runs as one
+              retrained on all labelled data, with the mirror as its only test-time view (tuneprod's output before
+              the final stage): member_1 of (c)'s final stage, scored alone. One member runs as one
               Ray task on one core, so alone it takes the same wall time as (c)'s two members side by side.
-  (c) final   the same search + final stage: the 2 best distinct configurations on all data, soft vote + TTA.
+  (c) final   the same search + final stage as cpu.yaml sets it: the 2 best distinct configurations on all data,
+              soft vote, test-time views final.tta.
               Scored from the same members: TTA variants, and the weight-averaged soup (all members share the
               pretrained lite0 start). And a second final stage on the same search, for the same wall time:
               the best configuration with 2 seeds instead of the 2 best configurations (soft vote, and soup).
@@ -141,10 +143,12 @@ def seed_recipe(folder: Path, work: Path, budget: float) -> dict:
     run = TrainingRun(TrialConfig(hp, SIZE, epochs=epochs), images.classes, train, val)
     for _ in range(epochs):
         metrics = run.step()
+        if time.perf_counter() - started > budget - 5:  # epochs slower than the timed one: the budget ends it
+            break
     model_dir = artifact.save(work / "seed_model", run.model, images.classes, run.preprocessing, run.config, {})
     report = predict(model_dir, folder / "test", work / "seed_predictions.csv", tta=(), progress=lambda _: None)
     return {"test_acc": report.accuracy, "wall_s": time.perf_counter() - started, "val_acc": metrics["val_acc"],
-            "note": f"{epochs} epochs"}
+            "note": f"{run.epoch} of {epochs} epochs"}
 
 
 def tuneprod_search(name: str, folder: Path, work: Path, budget: float) -> dict:
@@ -172,7 +176,9 @@ def tuneprod_search(name: str, folder: Path, work: Path, budget: float) -> dict:
     ensemble = json.loads((final / "ensemble.json").read_text())
     default = rows[tuple(ensemble["tta"])]
     return {"wall_s": wall, "trials": len(table), "best_val": outcome.best_value,
-            "single": default.member_accuracy.get("member_1", default.accuracy), "final": default.accuracy,
+            # One model with the mirror as its only test-time view: what tuneprod handed over before the final stage.
+            "single": rows[("flip",)].member_accuracy.get("member_1", rows[("flip",)].accuracy),
+            "final": default.accuracy,
             "tta": {"+".join(v) or "none": r.accuracy for v, r in rows.items()},
             "soup": soup_accuracy(final, folder, work, ensemble), "members": len(ensemble["members"]),
             "seeds": seeds_variant(outcome.experiment_dir, folder, work)}

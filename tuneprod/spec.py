@@ -258,7 +258,7 @@ class FinalSpec(_Strict):
     members: int = Field(1, ge=1)
     seeds: int = Field(1, ge=1)
     epochs: Union[Literal["auto"], int] = "auto"
-    tta: tuple[str, ...] = ("flip",)
+    tta: tuple[str, ...] = ("flip", "crops")  # measured best by benchmarks/accuracy.py on every set
     soup: bool = False
 
     @field_validator("epochs", mode="before")
