@@ -13,9 +13,13 @@ import ray
 import yaml
 
 import tuneprod
-from tests.helpers import shrunk_space
+from tests.helpers import shrunk_space, write_image_folder
+from tuneprod.cache import decoded
+from tuneprod.data import index_images
 from tuneprod.demo import generate_demo
-from tuneprod.spec import UserError
+from tuneprod.refit import MemberPlan
+from tuneprod.remote import train_members
+from tuneprod.spec import Hyperparams, TrialConfig, UserError, spec_from_dict
 
 pytestmark = pytest.mark.slow
 
@@ -119,3 +123,19 @@ def test_interrupted_search_resumes_from_checkpoints(tmp_path, ray_two_cpus):
         # Ray recorded may run twice.)
         assert epochs.count(1) == 1 and sorted(set(epochs)) == list(range(1, 31)), (progress, epochs)
     assert (experiment / "final" / "member_1" / "model.safetensors").is_file()
+
+
+def test_member_tasks_run_on_ray_and_a_failing_member_is_reported(tmp_path, ray_two_cpus):
+    images = decoded(index_images(write_image_folder(tmp_path / "images", per_class=4)), 32)
+    spec = spec_from_dict({"data": {"train": "x", "image_size": 32}, "resources": {"gpus_per_trial": 0}},
+                          tmp_path / "s.yaml")
+    plans = [MemberPlan(name, TrialConfig(Hyperparams(backbone=backbone, batch_size=4), 32, epochs=1), "t", 0.5,
+                        "val_acc")
+             for name, backbone in (("member_1", "test_resnet"), ("member_2", "inception_v3"))]
+    lines = []
+    failures = train_members(spec, plans, images, tmp_path / "final", lines.append)
+    assert list(failures) == ["member_2"] and "Kernel size" in failures["member_2"]
+    assert (tmp_path / "final" / "member_1" / "model.safetensors").is_file()
+    assert any(line.startswith("final: member_1 trained in") for line in lines)
+    warnings = [line for line in lines if "warning" in line]
+    assert len(warnings) == 1 and "Kernel size" in warnings[0] and "goes on without it" in warnings[0]
