@@ -46,13 +46,13 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from tuneprod import artifact  # noqa: E402
-from tuneprod.cache import decoded  # noqa: E402
-from tuneprod.data import index_images, validation_split  # noqa: E402
 from tuneprod.demo import generate_demo  # noqa: E402
-from tuneprod.inference import predict  # noqa: E402
-from tuneprod.loop import TrainingRun  # noqa: E402
-from tuneprod.refit import MemberPlan, make_soups  # noqa: E402
+from tuneprod.final.inference import predict  # noqa: E402
+from tuneprod.final.stage import MemberPlan, make_soups  # noqa: E402
 from tuneprod.spec import Hyperparams, TrialConfig  # noqa: E402
+from tuneprod.train.cache import decoded  # noqa: E402
+from tuneprod.train.data import index_images, validation_split  # noqa: E402
+from tuneprod.train.loop import TrainingRun  # noqa: E402
 
 SIZE = 64
 BACKBONE = "tf_efficientnet_lite0"
@@ -187,7 +187,7 @@ def tuneprod_search(name: str, folder: Path, work: Path, budget: float) -> dict:
 def seeds_variant(experiment: Path, folder: Path, work: Path) -> dict:
     """Another final stage on the same search, for the same wall time: the best configuration with two seeds
     instead of the two best configurations; scored as a soft vote and as a soup."""
-    from tuneprod.refit import retrain_and_predict
+    from tuneprod.final.stage import retrain_and_predict
 
     copy = work / "seeds_variant"
     shutil.rmtree(copy, ignore_errors=True)

@@ -27,12 +27,12 @@ import torch
 import torchvision
 from PIL import Image
 
-from tuneprod.augment import train_transform
-from tuneprod.cache import DecodedCache, decoded
-from tuneprod.data import index_images
-from tuneprod.loop import TrainingRun
-from tuneprod.packing import PackingTable, probe, probe_batches
 from tuneprod.spec import Hyperparams, TrialConfig
+from tuneprod.train.augment import train_transform
+from tuneprod.train.cache import DecodedCache, decoded
+from tuneprod.train.data import index_images
+from tuneprod.train.loop import TrainingRun
+from tuneprod.tuning.packing import PackingTable, probe, probe_batches
 
 GPU = torch.cuda.is_available()
 

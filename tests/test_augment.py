@@ -3,8 +3,8 @@ import numpy as np
 import pytest
 import torch
 
-from tuneprod.augment import mix_batch, reseed_worker_transform, train_transform
 from tuneprod.spec import AUGMENT_POLICIES
+from tuneprod.train.augment import mix_batch, reseed_worker_transform, train_transform
 
 MEAN, STD = (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)
 

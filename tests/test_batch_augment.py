@@ -4,9 +4,9 @@ import numpy as np
 import pytest
 import torch
 
-from tuneprod.augment import POLICIES, train_transform
-from tuneprod.batch_augment import BatchAugment, homography, normalise, warp
 from tuneprod.spec import AUGMENT_POLICIES
+from tuneprod.train.augment import POLICIES, train_transform
+from tuneprod.train.batch_augment import BatchAugment, homography, normalise, warp
 
 MEAN, STD = (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)
 SIZE, SAMPLES = 32, 400

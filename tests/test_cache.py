@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 
 from tests.helpers import write_image_folder
-from tuneprod import cache
-from tuneprod.cache import DecodedCache, decoded, fingerprint
-from tuneprod.data import DataError, decode_resized, index_images, validation_split
+from tuneprod.train import cache
+from tuneprod.train.cache import DecodedCache, decoded, fingerprint
+from tuneprod.train.data import DataError, decode_resized, index_images, validation_split
 
 
 @pytest.fixture

@@ -5,7 +5,7 @@ import pytest
 from PIL import Image
 
 from tests.helpers import write_image_folder
-from tuneprod.data import DataError, decode_resized, grouped_split, index_images, load_rgb, validation_split
+from tuneprod.train.data import DataError, decode_resized, grouped_split, index_images, load_rgb, validation_split
 
 
 def test_folder_index_labels_by_sorted_class_folder(image_folder):

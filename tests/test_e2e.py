@@ -14,12 +14,12 @@ import yaml
 
 import tuneprod
 from tests.helpers import shrunk_space, write_image_folder
-from tuneprod.cache import decoded
-from tuneprod.data import index_images
 from tuneprod.demo import generate_demo
-from tuneprod.refit import MemberPlan
-from tuneprod.remote import train_members
+from tuneprod.final.stage import MemberPlan
 from tuneprod.spec import Hyperparams, TrialConfig, UserError, spec_from_dict
+from tuneprod.train.cache import decoded
+from tuneprod.train.data import index_images
+from tuneprod.tuning.member_tasks import train_members
 
 pytestmark = pytest.mark.slow
 

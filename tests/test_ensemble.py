@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from tuneprod.ensemble import soft_vote, soup, tta_views, view_probabilities
+from tuneprod.final.ensemble import soft_vote, soup, tta_views, view_probabilities
 
 
 def test_soft_vote_averages_probabilities_not_votes():

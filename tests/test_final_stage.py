@@ -9,12 +9,13 @@ import torch
 from safetensors.torch import save_file
 
 from tests.helpers import write_image_folder
-from tuneprod import artifact, remote
-from tuneprod.cache import decoded
-from tuneprod.data import index_images
-from tuneprod.refit import MemberFailed, final_stage, train_member
-from tuneprod.results import TrialRecord, trials_table, write_results
+from tuneprod.final import artifact
+from tuneprod.final.stage import MemberFailed, final_stage, train_member
 from tuneprod.spec import UserError, spec_from_dict
+from tuneprod.train.cache import decoded
+from tuneprod.train.data import index_images
+from tuneprod.tuning import member_tasks
+from tuneprod.tuning.results import TrialRecord, trials_table, write_results
 
 NAMES = ["backbone", "pretrained", "lr"]
 
@@ -44,7 +45,7 @@ def experiment(tmp_path, monkeypatch):
                 failures[plan.name] = str(exc)
         return failures
 
-    monkeypatch.setattr(remote, "train_members", local_members)
+    monkeypatch.setattr(member_tasks, "train_members", local_members)
     return tmp_path, images
 
 

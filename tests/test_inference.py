@@ -11,14 +11,14 @@ import pytest
 import torch
 
 from tests.helpers import write_image_folder
-from tuneprod import artifact
-from tuneprod.cache import decoded
-from tuneprod.batch_augment import normalise
-from tuneprod.data import DataError, decode_resized, index_images
-from tuneprod.ensemble import soft_vote, view_probabilities
-from tuneprod.loop import TrainingRun
-from tuneprod.inference import predict
+from tuneprod.final import artifact
+from tuneprod.final.ensemble import soft_vote, view_probabilities
+from tuneprod.final.inference import predict
 from tuneprod.spec import Hyperparams, TrialConfig
+from tuneprod.train.batch_augment import normalise
+from tuneprod.train.cache import decoded
+from tuneprod.train.data import DataError, decode_resized, index_images
+from tuneprod.train.loop import TrainingRun
 
 
 @pytest.fixture(scope="module")

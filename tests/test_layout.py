@@ -1,21 +1,29 @@
-"""The rule the layout rests on: the training core and the final stage's own logic run without Ray; only the
-search side (tuner, trainable) and the member dispatch (remote) import it."""
+"""The rule the layout rests on: the training core (tuneprod/train) and the after-search stage (tuneprod/final)
+run without Ray; tuneprod/tuning is the only wing that imports it."""
 import subprocess
 import sys
+from pathlib import Path
 
-RAY_FREE = ["data", "cache", "pipeline", "augment", "batch_augment", "models", "loop", "packing", "results",
-            "ensemble", "artifact", "inference", "refit", "spec", "space", "demo"]
+PACKAGE = Path(__file__).resolve().parents[1] / "tuneprod"
 
 
-def test_core_modules_do_not_import_ray():
-    imports = "; ".join(f"import tuneprod.{name}" for name in RAY_FREE)
-    check = subprocess.run([sys.executable, "-c", f"{imports}; import sys; print('ray' in sys.modules)"],
-                           capture_output=True, text=True)
+def modules(wing: str) -> list[str]:
+    return [f"tuneprod.{wing}.{path.stem}" for path in sorted((PACKAGE / wing).glob("*.py"))
+            if path.stem != "__init__"]
+
+
+def imports_ray(names: list[str]) -> bool:
+    code = "; ".join(f"import {name}" for name in names) + "; import sys; print('ray' in sys.modules)"
+    check = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert check.returncode == 0, check.stderr
-    assert check.stdout.strip() == "False"
+    return check.stdout.strip() == "True"
 
 
-def test_the_search_side_does_import_ray():
-    check = subprocess.run([sys.executable, "-c", "import tuneprod.remote, sys; print('ray' in sys.modules)"],
-                           capture_output=True, text=True)
-    assert check.stdout.strip() == "True", check.stderr
+def test_the_core_and_the_final_stage_do_not_import_ray():
+    names = modules("train") + modules("final") + ["tuneprod.spec", "tuneprod.demo", "tuneprod.api"]
+    assert len(names) >= 13
+    assert not imports_ray(names)
+
+
+def test_the_search_side_does():
+    assert imports_ray(["tuneprod.tuning.member_tasks"]) and imports_ray(["tuneprod.tuning.tuner"])

@@ -5,10 +5,10 @@ import pytest
 import torch
 
 from tests.helpers import write_image_folder
-from tuneprod.cache import decoded
-from tuneprod.data import index_images, validation_split
-from tuneprod.loop import NonFiniteLoss, TrainingRun, build_optimizer, lr_factor
 from tuneprod.spec import Hyperparams, TrialConfig
+from tuneprod.train.cache import decoded
+from tuneprod.train.data import index_images, validation_split
+from tuneprod.train.loop import NonFiniteLoss, TrainingRun, build_optimizer, lr_factor
 
 
 @pytest.mark.parametrize("schedule, progress, horizon, warmup, expected", [

@@ -4,7 +4,7 @@ import timm
 import torch
 from safetensors.torch import save_file
 
-from tuneprod.models import WeightsError, create_model, ensure_pretrained_weights
+from tuneprod.train.models import WeightsError, create_model, ensure_pretrained_weights
 
 
 @pytest.fixture
@@ -44,7 +44,7 @@ def test_weights_that_do_not_fit_are_refused(tmp_path, monkeypatch):
 
 def test_cpu_preset_weights_load_offline_from_the_lite_package():
     # search_spaces/cpu.yaml's backbone: its ImageNet weights come from a PyPI package, with no network.
-    from tuneprod.models import _lite_package_file, _read_state
+    from tuneprod.train.models import _lite_package_file, _read_state
 
     shipped = _read_state(_lite_package_file("tf_efficientnet_lite0"))
     model = create_model("tf_efficientnet_lite0", 7, pretrained=True, dropout=0.0, image_size=64)

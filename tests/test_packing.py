@@ -1,7 +1,7 @@
 """How many trials share a GPU, from hand-picked probe measurements."""
 import torch
 
-from tuneprod.packing import PackingTable, ProbePoint, probe, probe_batches, trials_per_gpu
+from tuneprod.tuning.packing import PackingTable, ProbePoint, probe, probe_batches, trials_per_gpu
 
 GiB = 2**30
 H200 = 141 * GiB

@@ -4,9 +4,9 @@ from pathlib import Path
 
 import pytest
 
-from tuneprod.refit import plan_members, soup_groups
-from tuneprod.results import TrialRecord, trials_table, write_results
+from tuneprod.final.stage import plan_members, soup_groups
 from tuneprod.spec import UserError, spec_from_dict
+from tuneprod.tuning.results import TrialRecord, trials_table, write_results
 
 NAMES = ["optimizer", "lr", "batch_size"]
 

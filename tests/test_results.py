@@ -5,8 +5,16 @@ import pandas as pd
 import pytest
 import yaml
 
-from tuneprod.results import BEST_CONFIG, TRIALS_CSV, TRIALS_PARQUET, TrialRecord, best_row, params_of, \
-    trials_table, write_results
+from tuneprod.tuning.results import (
+    BEST_CONFIG,
+    TRIALS_CSV,
+    TRIALS_PARQUET,
+    TrialRecord,
+    best_row,
+    params_of,
+    trials_table,
+    write_results,
+)
 
 NAMES = ["optimizer", "momentum", "batch_size"]
 

@@ -3,8 +3,8 @@ from pathlib import Path
 
 import optuna
 
-from tuneprod.space import DefineByRun, sampler
 from tuneprod.spec import spec_from_dict
+from tuneprod.tuning.space import DefineByRun, sampler
 
 
 def space_of(text_space: dict):

@@ -6,7 +6,7 @@ from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
 from tuneprod.api import data_overrides
 from tuneprod.spec import UserError, spec_from_dict
-from tuneprod.tuner import _scheduler, _searcher, check_resources_fit, trial_resources
+from tuneprod.tuning.tuner import _scheduler, _searcher, check_resources_fit, trial_resources
 
 
 def spec_of(**sections):
@@ -82,8 +82,8 @@ def test_pretrained_backbones_are_those_a_trial_may_load_weights_for():
 def test_packed_resources_give_each_trial_its_share_of_a_gpu():
     import pickle
 
-    from tuneprod.packing import PackingTable, ProbePoint
-    from tuneprod.tuner import PackedResources
+    from tuneprod.tuning.packing import PackingTable, ProbePoint
+    from tuneprod.tuning.tuner import PackedResources
 
     points = [ProbePoint(b, ips, b * 2**26) for b, ips in ((32, 680), (64, 1300), (128, 2475), (256, 2900))]
     packed = pickle.loads(pickle.dumps(PackedResources(PackingTable("H200", 141 * 2**30, {"efficientnet_b2": points}),
@@ -115,9 +115,9 @@ def ray_with_a_gpu():
 
 def _trial_data(tmp_path):
     from tests.helpers import write_image_folder
-    from tuneprod.cache import decoded
-    from tuneprod.data import index_images
-    from tuneprod.trainable import TrialData
+    from tuneprod.train.cache import decoded
+    from tuneprod.train.data import index_images
+    from tuneprod.tuning.trainable import TrialData
 
     images = decoded(index_images(write_image_folder(tmp_path / "images")), 16)
     return TrialData(train=images, val=images, image_size=16, max_epochs=1, seed=0, workers=0)
@@ -125,8 +125,8 @@ def _trial_data(tmp_path):
 
 @pytest.mark.slow
 def test_auto_packing_measures_once_on_a_gpu_and_falls_back_to_whole_gpus(ray_with_a_gpu, tmp_path, monkeypatch):
-    from tuneprod import tuner
-    from tuneprod.packing import PackingTable, ProbePoint
+    from tuneprod.tuning import tuner
+    from tuneprod.tuning.packing import PackingTable, ProbePoint
 
     spec = spec_of(space={"backbone": {"choice": ["test_resnet", "test_vit"]}, "batch_size": {"choice": [16, 32]}},
                    resources={"cpus_per_trial": 1, "gpus_per_trial": "auto"})

@@ -28,7 +28,7 @@ def search(space: PathLike, *, data: Optional[PathLike] = None, test: Optional[P
     configurations trained on all labelled data, combined, and the test images predicted. Returns the
     SearchOutcome."""
     from tuneprod.spec import load_spec
-    from tuneprod.tuner import run_search
+    from tuneprod.tuning.tuner import run_search
 
     overrides = data_overrides(data, test)
     for key, value in (("search.num_samples", num_samples), ("name", name), ("storage", storage)):
@@ -39,7 +39,7 @@ def search(space: PathLike, *, data: Optional[PathLike] = None, test: Optional[P
 
 
 def _finish(spec, outcome, retrain: bool, address: Optional[str], progress: Callable[[str], None]):
-    from tuneprod.refit import retrain_and_predict
+    from tuneprod.final.stage import retrain_and_predict
     from tuneprod.spec import UserError
 
     if outcome.best_value is None:
@@ -52,8 +52,8 @@ def _finish(spec, outcome, retrain: bool, address: Optional[str], progress: Call
 def resume(experiment: PathLike, *, address: Optional[str] = None, retrain: bool = True,
            progress: Callable[[str], None] = print):
     """Continues an interrupted search from its folder, then runs the final stage like `search`."""
-    from tuneprod.refit import load_experiment
-    from tuneprod.tuner import resume_search
+    from tuneprod.final.stage import load_experiment
+    from tuneprod.tuning.tuner import resume_search
 
     spec = load_experiment(Path(experiment))
     return _finish(spec, resume_search(spec, address=address, progress=progress), retrain, address, progress)
@@ -62,7 +62,7 @@ def resume(experiment: PathLike, *, address: Optional[str] = None, retrain: bool
 def retrain(experiment: PathLike, *, address: Optional[str] = None, progress: Callable[[str], None] = print) -> Path:
     """Runs an experiment's final stage (its best configurations trained on all labelled data, into
     <experiment>/final) and predicts the spec's test images, if any. Returns the model folder."""
-    from tuneprod.refit import retrain_and_predict
+    from tuneprod.final.stage import retrain_and_predict
 
     return retrain_and_predict(Path(experiment), progress, address=address)
 
@@ -71,7 +71,7 @@ def predict(model: PathLike, images: PathLike, out: PathLike = "predictions.csv"
             tta: Optional[Sequence[str]] = None, batch_size: int = 64, progress: Callable[[str], None] = print):
     """Writes file,label,confidence and the top 5 for every image in a folder. `tta`: test-time views (flip,
     scale, crops; [] for none; default: as the model was saved). Returns a PredictionReport."""
-    from tuneprod.inference import predict as run_predict
+    from tuneprod.final.inference import predict as run_predict
 
     return run_predict(Path(model), Path(images), Path(out), tta=tta, batch_size=batch_size, progress=progress)
 

@@ -14,7 +14,7 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
-from tuneprod.augment import Policy, policy
+from tuneprod.train.augment import Policy, policy
 
 _LUMA = (0.299, 0.587, 0.114)
 _TO_YIQ = ((0.299, 0.587, 0.114), (0.596, -0.274, -0.322), (0.211, -0.523, 0.312))

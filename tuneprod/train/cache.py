@@ -13,9 +13,9 @@ import contextlib
 import fcntl
 import hashlib
 import json
+import multiprocessing
 import os
 import shutil
-import multiprocessing
 import threading
 import time
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor, as_completed
@@ -25,9 +25,9 @@ from typing import Callable, Iterator, Optional, Sequence
 
 import numpy as np
 
-from tuneprod.data import DataError, ImageSet, check_class_sizes, decode_resized, index_images, warn_unreadable
 from tuneprod.demo import generate_demo
 from tuneprod.spec import Spec
+from tuneprod.train.data import DataError, ImageSet, check_class_sizes, decode_resized, index_images, warn_unreadable
 
 FORMAT_VERSION = 1  # bump when decode_resized or the layout changes: old stores then stop matching
 DEFAULT_ROOT = "~/.cache/tuneprod"

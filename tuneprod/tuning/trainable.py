@@ -11,9 +11,9 @@ import ray
 import torch
 from ray import tune
 
-from tuneprod.cache import DecodedImages
-from tuneprod.loop import TrainingRun
 from tuneprod.spec import Hyperparams, TrialConfig
+from tuneprod.train.cache import DecodedImages
+from tuneprod.train.loop import TrainingRun
 
 STATE_FILE = "state.pt"
 

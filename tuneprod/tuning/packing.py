@@ -19,8 +19,8 @@ import torch
 import torch.nn.functional as F
 
 from tuneprod.files import atomic_write
-from tuneprod.loop import amp_dtype, autocast
-from tuneprod.models import create_model
+from tuneprod.train.loop import amp_dtype, autocast
+from tuneprod.train.models import create_model
 
 MIN_GAIN = 1.25  # throughput ratio a doubled batch must reach for packing twice as many trials to pay
 MAX_TRIALS_PER_GPU = 8

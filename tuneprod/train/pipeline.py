@@ -18,10 +18,10 @@ from typing import Callable, Iterable, Iterator, Sequence
 import numpy as np
 import torch
 
-from tuneprod.augment import reseed_worker_transform, train_transform
-from tuneprod.batch_augment import BatchAugment, normalise
-from tuneprod.cache import DecodedImages
 from tuneprod.spec import TrialConfig
+from tuneprod.train.augment import reseed_worker_transform, train_transform
+from tuneprod.train.batch_augment import BatchAugment, normalise
+from tuneprod.train.cache import DecodedImages
 
 Batch = tuple[torch.Tensor, torch.Tensor]
 

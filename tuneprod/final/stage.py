@@ -17,14 +17,15 @@ from typing import Callable, Optional
 import torch
 from safetensors.torch import load_file
 
-from tuneprod import artifact, results
-from tuneprod.cache import DecodedImages, labelled_images
-from tuneprod.data import check_test_images
-from tuneprod.ensemble import soup
-from tuneprod.inference import PredictionReport, predict
-from tuneprod.loop import NonFiniteLoss, TrainingRun
-from tuneprod.models import create_model
+from tuneprod.final import artifact
+from tuneprod.final.ensemble import soup
+from tuneprod.final.inference import PredictionReport, predict
 from tuneprod.spec import EXPERIMENT_SPEC, Hyperparams, Spec, TrialConfig, UserError, load_spec
+from tuneprod.train.cache import DecodedImages, labelled_images
+from tuneprod.train.data import check_test_images
+from tuneprod.train.loop import NonFiniteLoss, TrainingRun
+from tuneprod.train.models import create_model
+from tuneprod.tuning import results
 
 FINAL = "final"
 PREDICTIONS = "predictions.csv"
@@ -98,7 +99,7 @@ def retrain_and_predict(experiment_dir: Path, progress: Callable[[str], None] = 
 
 def final_stage(spec: Spec, experiment_dir: Path, progress: Callable[[str], None],
                 images: Optional[DecodedImages], address: Optional[str] = None) -> Path:
-    from tuneprod.remote import train_members  # the Ray side
+    from tuneprod.tuning.member_tasks import train_members  # the Ray side
 
     plans = plan_members(spec, experiment_dir)
     labelled = images if images is not None else labelled_images(spec, progress)

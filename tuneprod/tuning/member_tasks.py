@@ -10,10 +10,10 @@ from typing import Callable, Optional
 import ray
 import torch
 
-from tuneprod.cache import DecodedImages
-from tuneprod.refit import MemberPlan, train_member
+from tuneprod.final.stage import MemberPlan, train_member
 from tuneprod.spec import Spec
-from tuneprod.tuner import start_ray, trial_resources
+from tuneprod.train.cache import DecodedImages
+from tuneprod.tuning.tuner import start_ray, trial_resources
 
 HEARTBEAT_S = 120  # seconds between progress lines while members train
 

@@ -9,12 +9,19 @@ from typing import Callable, Optional, Sequence, Union
 import pandas as pd
 import torch
 
-from tuneprod import artifact
-from tuneprod.batch_augment import normalise
-from tuneprod.data import IMAGE_EXTENSIONS, DataError, ResizedImages, find_unreadable, list_images, warn_unreadable
-from tuneprod.ensemble import soft_vote, view_probabilities
 from tuneprod.files import atomic_write
-from tuneprod.loop import amp_dtype, autocast, default_device
+from tuneprod.final import artifact
+from tuneprod.final.ensemble import soft_vote, view_probabilities
+from tuneprod.train.batch_augment import normalise
+from tuneprod.train.data import (
+    IMAGE_EXTENSIONS,
+    DataError,
+    ResizedImages,
+    find_unreadable,
+    list_images,
+    warn_unreadable,
+)
+from tuneprod.train.loop import amp_dtype, autocast, default_device
 
 TEST_LABELS = "test_labels.csv"
 TOP_K = 5

@@ -16,15 +16,14 @@ from ray import tune
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 from ray.tune.search.optuna import OptunaSearch
 
-from tuneprod import results
-from tuneprod.cache import DecodedImages, default_root, labelled_images
-from tuneprod.data import DataError, check_test_images, validation_split
-from tuneprod.models import WeightsError, ensure_pretrained_weights
-from tuneprod.packing import PROBE_RECORD, PackingTable, measure_gpu
-from tuneprod.space import DefineByRun, sampler
 from tuneprod.spec import EXPERIMENT_SPEC, Hyperparams, SearchInterrupted, Spec, UserError
-from tuneprod.trainable import TrialData, train_trial
-
+from tuneprod.train.cache import DecodedImages, default_root, labelled_images
+from tuneprod.train.data import DataError, check_test_images, validation_split
+from tuneprod.train.models import WeightsError, ensure_pretrained_weights
+from tuneprod.tuning import results
+from tuneprod.tuning.packing import PROBE_RECORD, PackingTable, measure_gpu
+from tuneprod.tuning.space import DefineByRun, sampler
+from tuneprod.tuning.trainable import TrialData, train_trial
 
 PROBE_TIMEOUT_S = 900  # a GPU busy with other work, or a cluster that never gets one: give up, use whole GPUs
 

@@ -18,8 +18,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_model, save_model
 
-from tuneprod.models import create_model
 from tuneprod.spec import TTA_VIEWS, Hyperparams, TrialConfig, UserError
+from tuneprod.train.models import create_model
 
 FORMAT = "tuneprod-model/1"
 ENSEMBLE_FORMAT = "tuneprod-ensemble/1"

@@ -9,12 +9,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from tuneprod.augment import mix_batch
-from tuneprod.cache import DecodedImages
-from tuneprod.models import create_model, preprocessing
-from tuneprod.pipeline import evaluation_batches, training_batches
 from tuneprod.spec import Hyperparams, TrialConfig
-
+from tuneprod.train.augment import mix_batch
+from tuneprod.train.cache import DecodedImages
+from tuneprod.train.models import create_model, preprocessing
+from tuneprod.train.pipeline import evaluation_batches, training_batches
 
 LOSS_CHECK_EVERY = 25  # steps between reading the summed loss back from the device
 
