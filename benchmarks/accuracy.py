@@ -45,8 +45,8 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from tuneprod import artifact  # noqa: E402
 from tuneprod.demo import generate_demo  # noqa: E402
+from tuneprod.final import artifact  # noqa: E402
 from tuneprod.final.inference import predict  # noqa: E402
 from tuneprod.final.stage import MemberPlan, make_soups  # noqa: E402
 from tuneprod.spec import Hyperparams, TrialConfig  # noqa: E402
