@@ -91,20 +91,23 @@ def _finite(value) -> bool:
     return isinstance(value, (int, float)) and math.isfinite(value)
 
 
-def best_row(table: pd.DataFrame, metric: str) -> pd.Series:
-    """The table is sorted best first. A failed trial cannot be best, even one that peaked before its loss
-    diverged: retraining its configuration would most likely fail the same way."""
+def usable_trials(table: pd.DataFrame, metric: str) -> pd.DataFrame:
+    """The trials that may be retrained, best first (the table's order). A failed trial is never one, even one that
+    peaked before its loss diverged: retraining its configuration would most likely fail the same way."""
     usable = table[table[metric].notna() & (table["status"] == "TERMINATED")]
     if usable.empty:
         raise ValueError("no trial reported a result: every trial failed; see the error column of trials.csv")
-    return usable.iloc[0]
+    return usable
+
+
+def best_row(table: pd.DataFrame, metric: str) -> pd.Series:
+    return usable_trials(table, metric).iloc[0]
 
 
 def top_distinct(table: pd.DataFrame, metric: str, param_names: list[str], k: int) -> list[pd.Series]:
-    """The k best usable trials (as best_row counts them) whose configurations differ: a configuration tried twice
-    (a start_from point that TPE proposes again) is one member, at its better trial. Ties keep the table's order."""
-    best_row(table, metric)  # raises when no trial is usable
-    usable = table[table[metric].notna() & (table["status"] == "TERMINATED")]
+    """The k best usable trials whose configurations differ: a configuration tried twice (a start_from point that
+    TPE proposes again) is one member, at its better trial. Ties keep the table's order."""
+    usable = usable_trials(table, metric)
     chosen, seen = [], set()
     for _, row in usable.iterrows():
         key = tuple(sorted(params_of(row, param_names).items()))
