@@ -37,7 +37,7 @@ def test_search_retrain_predict(tmp_path, ray_two_cpus, monkeypatch):
     space = shrunk_space(
         "demo.yaml", tmp_path,
         data={"demo": str(tmp_path / "demo"), "image_size": 32},
-        search={"num_samples": 5, "searcher": {"type": "optuna", "n_startup_trials": 2},
+        search={"num_samples": 5, "searcher": {"type": "optuna", "n_startup_trials": 2}, "time_budget_s": 900,
                 "scheduler": {"type": "asha", "max_epochs": 2, "grace_period": 1, "reduction_factor": 2},
                 # inception_v3 cannot run on 32 px images: the first trial fails, and the search must go on.
                 "start_from": [{"backbone": "inception_v3", "batch_size": 16}]},
@@ -47,9 +47,15 @@ def test_search_retrain_predict(tmp_path, ray_two_cpus, monkeypatch):
     raw["space"]["backbone"] = {"choice": ["test_resnet", "test_efficientnet", "inception_v3"]}
     space.write_text(yaml.safe_dump(raw, sort_keys=False))
 
-    outcome = tuneprod.search(space, storage=tmp_path / "runs")
+    said = []
+    outcome = tuneprod.search(space, storage=tmp_path / "runs", progress=lambda line: said.append(print(line) or line))
     experiment = tmp_path / "runs" / "shrunk_demo"
     assert outcome.experiment_dir == experiment
+    # The speed probe runs the first start point, which cannot run at 32 px: the budget is then planned from the
+    # trials' own reports, and the search goes on.
+    assert any("could not measure the training speed" in line for line in said)
+    assert any(line.startswith("tuneprod: budget 900 s for the whole run") for line in said)
+    assert any("compared at epochs 1 " in line for line in said)
 
     table = pd.read_parquet(experiment / "trials.parquet")
     assert len(table) == 5 and set(table["status"]) <= {"TERMINATED", "ERROR"}

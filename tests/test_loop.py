@@ -8,7 +8,7 @@ from tests.helpers import write_image_folder
 from tuneprod.spec import Hyperparams, TrialConfig
 from tuneprod.train.cache import decoded
 from tuneprod.train.data import index_images, validation_split
-from tuneprod.train.loop import NonFiniteLoss, TrainingRun, build_optimizer, lr_factor
+from tuneprod.train.loop import NonFiniteLoss, TrainingRun, build_optimizer, lr_factor, measure_speed
 
 
 @pytest.mark.parametrize("schedule, progress, horizon, warmup, expected", [
@@ -51,8 +51,9 @@ def test_one_trial_trains_by_itself(tmp_path, augment_device):
     history = [run.step() for _ in range(3)]
     assert [h["epoch"] for h in history] == [1, 2, 3]
     for h in history:
-        assert set(h) == {"epoch", "train_loss", "lr", "images_per_s", "val_loss", "val_acc"}
-        assert math.isfinite(h["train_loss"]) and 0 <= h["val_acc"] <= 1 and h["images_per_s"] > 0
+        assert set(h) == {"epoch", "train_loss", "lr", "images_per_s", "val_loss", "val_acc", "eval_images_per_s"}
+        assert math.isfinite(h["train_loss"]) and 0 <= h["val_acc"] <= 1
+        assert h["images_per_s"] > 0 and h["eval_images_per_s"] > 0
     assert history[-1]["lr"] == pytest.approx(0.0, abs=1e-9)  # cosine ends at zero
     assert history[-1]["train_loss"] < history[0]["train_loss"]
 
@@ -88,3 +89,11 @@ def test_init_seed_fixes_the_new_weights_and_seed_the_rest(tmp_path):
     assert torch.equal(weights[0], weights[1]) and not torch.equal(weights[1], weights[2])
     orders = [list(next(iter(run.train_batches.epoch(0)))[1].tolist()) for run in runs]
     assert orders[1] == orders[2] and orders[0] != orders[1]  # data order follows seed
+
+
+def test_speed_is_measured_on_a_few_batches_of_the_real_pipeline(tmp_path):
+    image_set = decoded(index_images(write_image_folder(tmp_path / "images", per_class=8)), 32)
+    train, val = validation_split(image_set, 0.25, seed=0)
+    config = TrialConfig(Hyperparams(backbone="test_resnet", batch_size=4), image_size=32, epochs=10)
+    train_speed, eval_speed = measure_speed(config, image_set.classes, train, val, batches=2)
+    assert 0 < train_speed < math.inf and 0 < eval_speed < math.inf

@@ -35,7 +35,8 @@ def search(space: PathLike, *, data: Optional[PathLike] = None, test: Optional[P
         if value is not None:
             overrides[key] = value
     spec = load_spec(space, overrides)
-    return _finish(spec, run_search(spec, address=address, progress=progress), retrain, address, progress)
+    outcome = run_search(spec, address=address, progress=progress, final=retrain)
+    return _finish(spec, outcome, retrain, address, progress)
 
 
 def _finish(spec, outcome, retrain: bool, address: Optional[str], progress: Callable[[str], None]):

@@ -200,14 +200,29 @@ class SearcherSpec(_Strict):
 
 
 class SchedulerSpec(_Strict):
-    type: Literal["asha", "fifo"] = "asha"
+    """asha: a trial waits (paused, checkpointed) at each rung until it ranks among the best 1/reduction_factor
+    there (tuning/scheduler.py); asha_stopping: Ray's ASHAScheduler, which decides at once and so lets the first
+    trial at a rung through; fifo: every trial runs max_epochs."""
+
+    type: Literal["asha", "asha_stopping", "fifo"] = "asha"
     max_epochs: int = Field(10, ge=1)
-    grace_period: int = Field(1, ge=1)
+    # auto: from the data, so that the first comparison comes once each class has been seen often enough
+    # (tuning/scheduler.py: auto_grace_period).
+    grace_period: Union[Literal["auto"], int] = "auto"
     reduction_factor: float = Field(3.0, gt=1)
+    # What ranks trials at a rung: the search metric by default; val_loss separates trials earlier when accuracy is
+    # still flat (benchmarks/search_efficiency.py measures both against the trials' final accuracy).
+    rung_metric: Optional[Literal["val_acc", "val_loss"]] = None
+
+    @field_validator("grace_period", mode="before")
+    @classmethod
+    def _epochs(cls, value):
+        value = _auto_or_number(value, lambda v: v >= 1 and v == int(v), "'auto' or an integer >= 1")
+        return value if value == "auto" else int(value)
 
     @model_validator(mode="after")
     def _grace_within_max(self):
-        if self.grace_period > self.max_epochs:
+        if self.grace_period != "auto" and self.grace_period > self.max_epochs:
             raise ValueError(f"search.scheduler.grace_period: the value is {self.grace_period}, "
                              f"but must be <= search.scheduler.max_epochs ({self.max_epochs})")
         return self

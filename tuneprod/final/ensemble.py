@@ -23,6 +23,11 @@ def tta_views(images: torch.Tensor, views: Sequence[str]) -> list[torch.Tensor]:
     return seen
 
 
+def view_count(views: Sequence[str]) -> int:
+    """How many forward passes `tta_views` makes of each image."""
+    return (1 + ("scale" in views) + 4 * ("crops" in views)) * (2 if "flip" in views else 1)
+
+
 def _zoom(images: torch.Tensor, x: float, y: float) -> torch.Tensor:
     """A crop of ZOOM x the side, placed at relative position (x, y) (0: left/top, 1: right/bottom), resized back."""
     height, width = images.shape[-2:]

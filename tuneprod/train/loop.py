@@ -145,13 +145,15 @@ class TrainingRun:
         return value
 
     def evaluate(self) -> dict:
-        total_loss, correct, seen = 0.0, 0, 0
+        total_loss, correct, seen, started = 0.0, 0, 0, time.perf_counter()
         for logits, labels in predict_logits(self.model, self.val_batches.epoch(), self.device):
             labels = labels.to(self.device)
             total_loss += F.cross_entropy(logits, labels, reduction="sum").item()
             correct += (logits.argmax(1) == labels).sum().item()
             seen += len(labels)
-        return {"val_loss": total_loss / seen, "val_acc": correct / seen}
+        elapsed = time.perf_counter() - started
+        return {"val_loss": total_loss / seen, "val_acc": correct / seen,
+                "eval_images_per_s": seen / elapsed if elapsed > 0 else 0.0}
 
     def state_dict(self) -> dict:
         return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
@@ -165,3 +167,17 @@ class TrainingRun:
         self.scaler.load_state_dict(state["scaler"])
         self.epoch = state["epoch"]
         self.mix_rng.bit_generator.state = state["mix_rng"]
+
+
+def measure_speed(config: TrialConfig, classes: tuple[str, ...], train: DecodedImages, val: DecodedImages,
+                  device: Optional[torch.device] = None, batches: int = 3) -> tuple[float, float]:
+    """Images per second of training and of evaluation, through the real pipeline (cache, augmentation, model), on
+    a few batches: the second pass is timed, the first pays the one-time costs."""
+    rng = np.random.default_rng(config.seed)
+    sample = min(len(train), config.hp.batch_size * batches)
+    run = TrainingRun(config, classes, train.subset(rng.choice(len(train), sample, replace=False)),
+                      val.subset(rng.choice(len(val), min(len(val), sample), replace=False)), device)
+    for _ in range(2):
+        trained = run.train_epoch()
+        evaluated = run.evaluate()
+    return trained["images_per_s"], evaluated["eval_images_per_s"]

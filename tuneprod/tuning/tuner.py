@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import os
 import signal
 import threading
@@ -16,12 +17,16 @@ from ray import tune
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 from ray.tune.search.optuna import OptunaSearch
 
-from tuneprod.spec import EXPERIMENT_SPEC, Hyperparams, SearchInterrupted, Spec, UserError
+from tuneprod.final.ensemble import view_count
+from tuneprod.spec import EXPERIMENT_SPEC, Hyperparams, SearchInterrupted, Spec, TrialConfig, UserError
 from tuneprod.train.cache import DecodedImages, default_root, labelled_images
-from tuneprod.train.data import DataError, check_test_images, validation_split
+from tuneprod.train.data import DataError, check_test_images, list_images, validation_split
+from tuneprod.train.loop import measure_speed
 from tuneprod.train.models import WeightsError, ensure_pretrained_weights
 from tuneprod.tuning import results
+from tuneprod.tuning.budget import BudgetStopper, Speed, Workload, final_estimate, minimum_seconds, trial_seconds
 from tuneprod.tuning.packing import PROBE_RECORD, PackingTable, measure_gpu
+from tuneprod.tuning.scheduler import PromotingASHA, auto_grace_period
 from tuneprod.tuning.space import DefineByRun, sampler
 from tuneprod.tuning.trainable import TrialData, train_trial
 
@@ -47,30 +52,115 @@ def free_experiment_dir(spec: Spec) -> Spec:
     return candidate
 
 
-def run_search(spec: Spec, address: Optional[str] = None,
-               progress: Callable[[str], None] = print) -> SearchOutcome:
+def run_search(spec: Spec, address: Optional[str] = None, progress: Callable[[str], None] = print,
+               final: bool = True) -> SearchOutcome:
+    """`final`: whether the final stage follows, so that search.time_budget_s keeps time for it."""
     images, data = _trial_data(spec, progress)
+    grace = grace_period(spec, data)
     spec = free_experiment_dir(spec)
     spec.experiment_dir.mkdir(parents=True, exist_ok=True)
     spec.save(spec.experiment_dir / EXPERIMENT_SPEC)
     progress(f"tuneprod: results go to {spec.experiment_dir}")
     start_ray(address, progress)
+    trainable = _trainable(spec, data, address, progress)
+    stopper = _budget(spec, data, images, grace, final and spec.final.enabled, progress)
     tuner = tune.Tuner(
-        _trainable(spec, data, address, progress),
-        tune_config=tune.TuneConfig(search_alg=_searcher(spec), scheduler=_scheduler(spec),
+        trainable,
+        tune_config=tune.TuneConfig(search_alg=_searcher(spec), scheduler=_scheduler(spec, grace, progress),
                                     num_samples=spec.search.num_samples,
                                     max_concurrent_trials=spec.search.max_concurrent_trials,
-                                    time_budget_s=spec.search.time_budget_s,
                                     # A stopped trial's process exits, and so returns its GPU memory to the
                                     # trials after it (a reused actor keeps torch's cached blocks: ray #23971).
                                     reuse_actors=False,
                                     trial_dirname_creator=lambda trial: f"trial_{trial.trial_id}"),
         run_config=tune.RunConfig(
-            name=spec.name, storage_path=str(spec.storage),
+            name=spec.name, storage_path=str(spec.storage), stop=stopper,
             checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
             failure_config=tune.FailureConfig(max_failures=0), verbose=1),
     )
     return _fit(spec, tuner, images, progress)
+
+
+def grace_period(spec: Spec, data: TrialData) -> int:
+    options = spec.search.scheduler
+    if options.grace_period != "auto":
+        return options.grace_period
+    return auto_grace_period(len(data.train), len(data.train.classes), options.max_epochs, options.reduction_factor)
+
+
+def _budget(spec: Spec, data: TrialData, images: DecodedImages, grace: int, final: bool,
+            progress: Callable[[str], None]) -> Optional[BudgetStopper]:
+    """search.time_budget_s covers the whole run: checked against one trial and the final stage at the speed
+    measured here, then kept by a stopper that ends the trials in time for the final stage."""
+    if spec.search.time_budget_s is None:
+        return None
+    return plan_budget(spec, _workload(spec, data, images, final), _measured_speed(spec, data, progress), grace,
+                       progress)
+
+
+def plan_budget(spec: Spec, work: Workload, speed: Speed, grace: int,
+                progress: Callable[[str], None]) -> BudgetStopper:
+    """Refuses a budget that cannot hold one trial to its first rung plus what follows; says how it is split."""
+    budget, final = spec.search.time_budget_s, work.final
+    need, trial_s, least_final = minimum_seconds(work, speed, grace)
+    if budget < need:
+        raise UserError(f"{spec.path}: search.time_budget_s: the value is {budget:g}, but must be >= {need:.0f} to "
+                        f"hold one trial to its first rung ({grace} epoch(s), ~{trial_s:.0f} s), the final stage "
+                        f"(~{least_final.members_s + least_final.overhead_s:.0f} s) and the predictions "
+                        f"(~{least_final.predict_s:.0f} s) at the speed measured here "
+                        f"({speed.train_images_per_s:.0f} img/s training); raise it, or lower data.image_size or "
+                        f"final.members")
+    members = work.members * work.seeds
+    most = final_estimate(work, speed, [work.member_epochs_default or spec.search.scheduler.max_epochs] * members)
+    after = (f"; then the final stage (~{most.members_s + most.overhead_s:.0f} s at most: {members} member(s) on "
+             f"{work.slots} slot(s)) and predictions (~{most.predict_s:.0f} s), re-planned from the trials' speed "
+             f"and best epochs as they report" if final else "")
+    progress(f"tuneprod: budget {budget:.0f} s for the whole run: trials (an epoch ~"
+             f"{trial_seconds(work, speed, 1):.0f} s at {speed.train_images_per_s:.0f} img/s){after}")
+    return BudgetStopper(budget, work, speed, spec.search.metric, spec.search.direction, progress)
+
+
+def _workload(spec: Spec, data: TrialData, images: DecodedImages, final: bool) -> Workload:
+    test = spec.data.test_path
+    cluster = ray.cluster_resources()
+    per_member = trial_resources(spec, cluster.get("GPU", 0))
+    slots = int(cluster.get("GPU", 0) // per_member["gpu"]) if per_member["gpu"] else \
+        int(cluster.get("CPU", 1) // per_member["cpu"])
+    epochs = spec.final.epochs
+    return Workload(train_images=len(data.train), val_images=len(data.val), labelled_images=len(images),
+                    test_images=len(list_images(test)) if final and test is not None else 0,
+                    views=view_count(spec.final.tta), members=spec.final.members, seeds=spec.final.seeds,
+                    member_epochs_default=None if epochs == "auto" else epochs, slots=max(1, slots), final=final)
+
+
+def _measured_speed(spec: Spec, data: TrialData, progress: Callable[[str], None]) -> Speed:
+    """A few batches of a trial the space can propose, with a trial's resources (on its GPU when trials get one)."""
+    resources = trial_resources(spec, ray.cluster_resources().get("GPU", 0))
+    config = TrialConfig(_probe_params(spec), image_size=data.image_size, epochs=data.max_epochs, seed=data.seed,
+                         workers=data.workers)
+    task = ray.remote(measure_speed).options(num_cpus=resources["cpu"], num_gpus=resources["gpu"], max_retries=0)
+    try:
+        return Speed(*ray.get(task.remote(config, data.train.classes, data.train, data.val), timeout=PROBE_TIMEOUT_S))
+    except Exception as exc:  # the budget is then kept from the trials' own reports alone
+        cause = getattr(exc, "cause", None) or exc
+        progress(f"tuneprod: warning: could not measure the training speed ({type(cause).__name__}: "
+                 f"{(str(cause) or 'no message').splitlines()[0]}); the budget is planned from the trials' reports")
+        return Speed(math.inf, math.inf)
+
+
+def _probe_params(spec: Spec) -> Hyperparams:
+    """The first start_from point, else each parameter's first choice (ranges: their geometric middle)."""
+    params = dict(spec.space.fixed)
+    for dimension in spec.space.dimensions:
+        if dimension.distribution == "choice":
+            params[dimension.name] = dimension.values[0]
+        else:
+            low, high = dimension.values
+            middle = math.sqrt(low * high) if dimension.log else (low + high) / 2
+            params[dimension.name] = round(middle) if dimension.distribution == "int" else middle
+    if spec.search.start_from:
+        params.update(spec.search.start_from[0])
+    return Hyperparams.from_params(params)
 
 
 def resume_search(spec: Spec, address: Optional[str] = None,
@@ -254,11 +344,22 @@ def _searcher(spec: Spec) -> OptunaSearch:
                         points_to_evaluate=[dict(point) for point in spec.search.start_from] or None)
 
 
-def _scheduler(spec: Spec):
+def _scheduler(spec: Spec, grace: int, progress: Callable[[str], None]):
     options = spec.search.scheduler
     if options.type == "fifo":
         return FIFOScheduler()
-    # time_attr counts reports, and a trial reports once per epoch: ASHA's rungs are in epochs.
-    return ASHAScheduler(time_attr="training_iteration", metric=spec.search.metric, mode=spec.search.direction,
-                         max_t=options.max_epochs, grace_period=options.grace_period,
-                         reduction_factor=options.reduction_factor)
+    metric, mode = spec.search.metric, spec.search.direction
+    if options.type == "asha_stopping":
+        rung_mode = mode if options.rung_metric in (None, metric) else ("min" if options.rung_metric == "val_loss"
+                                                                         else "max")
+        # time_attr counts reports, and a trial reports once per epoch: ASHA's rungs are in epochs.
+        return ASHAScheduler(time_attr="training_iteration", metric=options.rung_metric or metric, mode=rung_mode,
+                             max_t=options.max_epochs, grace_period=grace,
+                             reduction_factor=options.reduction_factor)
+    scheduler = PromotingASHA(metric, mode, options.max_epochs, grace, options.reduction_factor,
+                              options.rung_metric)
+    rungs = ", ".join(map(str, scheduler.rungs.milestones)) or "none"
+    how = "auto, from the data size" if options.grace_period == "auto" else "search.scheduler.grace_period"
+    progress(f"tuneprod: trials are compared at epochs {rungs} (first rung: {how}); the best "
+             f"1/{options.reduction_factor:g} at each go on, the others wait paused and end there unless promoted")
+    return scheduler

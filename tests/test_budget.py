@@ -1,0 +1,84 @@
+"""One budget for search, final stage and predictions: the planning arithmetic with hand-picked speeds."""
+from pathlib import Path
+
+import pytest
+
+from tuneprod.spec import UserError, spec_from_dict
+from tuneprod.tuning.budget import (FIXED_OVERHEAD_S, BudgetStopper, Speed, Workload, final_estimate, makespan,
+                                    minimum_seconds)
+from tuneprod.tuning.tuner import plan_budget
+
+WORK = Workload(train_images=800, val_images=200, labelled_images=1000, test_images=200, views=10, members=2, seeds=1,
+                member_epochs_default=None, slots=1, final=True)
+SPEED = Speed(train_images_per_s=50, eval_images_per_s=400)
+
+
+@pytest.mark.parametrize("durations, slots, expected", [([30, 20, 10], 2, 30), ([10] * 4, 2, 20), ([5, 7], 8, 7),
+                                                        ([], 2, 0)])
+def test_makespan_runs_the_longest_first_on_the_freest_slot(durations, slots, expected):
+    assert makespan(durations, slots) == expected
+
+
+def test_final_stage_estimate():
+    one_slot = final_estimate(WORK, SPEED, [5, 3])  # 1000 images at 50/s: 20 s an epoch
+    assert one_slot.members_s == 160
+    assert final_estimate(Workload(**{**WORK.__dict__, "slots": 2}), SPEED, [5, 3]).members_s == 100
+    assert one_slot.predict_s == pytest.approx(200 * (10 * 2 / 400 + 0.004))
+    assert one_slot.total_s == pytest.approx(160 + one_slot.predict_s + FIXED_OVERHEAD_S)
+    assert final_estimate(Workload(**{**WORK.__dict__, "final": False}), SPEED, [5, 3]).total_s == 0
+
+
+def test_minimum_is_one_trial_to_its_first_rung_then_members_of_as_many_epochs():
+    total, trial, final = minimum_seconds(WORK, SPEED, grace_period=2)
+    assert trial == 2 * (800 / 50 + 200 / 400)
+    assert final.members_s == 2 * 2 * 20  # two members of 2 epochs, one after the other
+    assert total == pytest.approx(trial + final.total_s)
+    fixed = Workload(**{**WORK.__dict__, "member_epochs_default": 6})
+    assert minimum_seconds(fixed, SPEED, grace_period=2)[2].members_s == 2 * 6 * 20
+
+
+def spec_with_budget(seconds):
+    return spec_from_dict({"data": {"train": "x"}, "search": {"time_budget_s": seconds, "metric": "val_acc"},
+                           "final": {"members": 2}}, Path("s.yaml"))
+
+
+def test_a_budget_too_small_for_one_trial_and_the_final_stage_is_one_line_naming_the_field():
+    total = minimum_seconds(WORK, SPEED, 2)[0]
+    with pytest.raises(UserError) as caught:
+        plan_budget(spec_with_budget(total - 1), WORK, SPEED, 2, progress=lambda _: None)
+    message = str(caught.value)
+    assert message.startswith(f"s.yaml: search.time_budget_s: the value is {total - 1:g}, but must be >= "
+                              f"{total:.0f}") and "\n" not in message
+    said = []
+    stopper = plan_budget(spec_with_budget(total + 1), WORK, SPEED, 2, progress=said.append)
+    assert isinstance(stopper, BudgetStopper) and "budget" in said[0] and "final stage" in said[0]
+
+
+def test_the_stopper_ends_the_trials_when_the_time_left_is_what_the_final_stage_needs():
+    said = []
+    stopper = BudgetStopper(1000, WORK, SPEED, "val_acc", "max", said.append)
+    stopper("a", {"epoch": 3, "val_acc": 0.5, "images_per_s": 40, "eval_images_per_s": 400})
+    stopper("a", {"epoch": 4, "val_acc": 0.4, "images_per_s": 60, "eval_images_per_s": 400})
+    stopper("b", {"epoch": 6, "val_acc": 0.7, "images_per_s": 50, "eval_images_per_s": 400})
+    stopper("c", {"epoch": 1, "val_acc": 0.1, "images_per_s": 50, "eval_images_per_s": 400})
+    assert stopper.speed() == Speed(50, 400)
+    assert stopper.member_epochs() == [6, 3]  # the two best trials, each at its best epoch
+    reserve = stopper.estimate().total_s  # (6 + 3) x 20 s + predictions + setup
+    assert stopper.estimate().members_s == 180
+    stopper.started -= 1000 - reserve - 5
+    assert not stopper.stop_all()
+    stopper.started -= 10
+    assert stopper.stop_all() and stopper.stop_all()
+    assert len(said) == 1 and "ending the trials" in said[0]
+
+
+def test_without_a_final_stage_the_budget_is_the_trials_alone():
+    work = Workload(**{**WORK.__dict__, "final": False, "members": 1, "seeds": 2})
+    stopper = BudgetStopper(100, work, SPEED, "val_loss", "min", lambda _: None)
+    stopper("a", {"epoch": 2, "val_loss": 0.3})
+    stopper("b", {"epoch": 5, "val_loss": 0.2})
+    assert stopper.member_epochs() == [5, 5]  # val_loss: lower is better; the best trial with 2 seeds
+    stopper.started -= 99
+    assert not stopper.stop_all()
+    stopper.started -= 2
+    assert stopper.stop_all()

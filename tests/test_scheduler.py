@@ -1,0 +1,136 @@
+"""The promoting ASHA rule with hand-written results, then once through Ray: paused trials resume from their
+checkpoints and no epoch runs twice."""
+import json
+import math
+import tempfile
+from pathlib import Path
+
+import pytest
+import ray
+from ray import tune
+
+from tuneprod.tuning.scheduler import PromotingASHA, Rungs, auto_grace_period, milestones
+
+
+@pytest.mark.parametrize("grace, factor, max_epochs, expected", [
+    (1, 3, 27, (1, 3, 9)), (2, 2, 10, (2, 4, 8)), (5, 3, 15, (5,)), (3, 3, 9, (3,)), (1, 1.5, 5, (1, 2, 3)),
+    (4, 2, 4, ()),
+])
+def test_milestones_are_the_rungs_below_max_epochs(grace, factor, max_epochs, expected):
+    assert milestones(grace, factor, max_epochs) == expected
+
+
+def test_a_bad_first_trial_waits_and_never_goes_on_once_peers_report():
+    rungs = Rungs((1, 3), reduction_factor=3)
+    assert not rungs.arrive("first", 1, 0.1)  # alone at the rung: nothing to compare with, so it waits
+    assert not rungs.arrive("b", 1, 0.5)
+    assert rungs.arrive("c", 1, 0.9)  # 3 at the rung: the best third (c) goes straight on
+    assert rungs.next_promotion({"first", "b"}) is None
+    assert not rungs.arrive("d", 1, 0.3)
+    assert not rungs.arrive("e", 1, 0.2)
+    assert rungs.arrive("f", 1, 0.6)  # 6 at the rung: the best two are c and f
+    assert rungs.arrive("g", 1, 0.7)  # 7: c and g; f was promoted before g came, as asynchronous halving allows
+    assert rungs.closing_promotion({"first", "b", "d", "e"}) is None  # rung 1 promoted already: the rest end there
+    assert rungs.waiting == {"first": 1, "b": 1, "d": 1, "e": 1}
+
+
+def test_waiting_trials_are_promoted_when_later_peers_rank_below_them_highest_rung_first():
+    rungs = Rungs((1, 3), reduction_factor=2)
+    assert not rungs.arrive("a", 1, 0.8)
+    assert not rungs.arrive("b", 1, 0.1)  # 2 at the rung, quota 1: a (waiting) is the one to promote, not b
+    assert rungs.next_promotion({"a", "b"}) == "a"
+    assert rungs.next_promotion({"a", "b"}) is None  # promoted once only
+    assert rungs.waiting == {"b": 1}
+
+    rungs = Rungs((1, 3), reduction_factor=2)
+    for trial, score in (("low1", 0.7), ("hi", 0.9)):
+        rungs.arrive(trial, 1, score)
+    assert not rungs.arrive("top", 3, 0.95)  # alone at rung 3
+    rungs.arrive("low2", 1, 0.8)
+    rungs.arrive("low3", 1, 0.1)  # 4 at rung 1, quota 2: hi and low2
+    rungs.arrive("peer", 3, 0.2)  # 2 at rung 3, quota 1: top
+    assert rungs.next_promotion({"low2", "top"}) == "top"  # the higher rung first
+    assert rungs.next_promotion({"low2", "top"}) == "low2"
+    assert rungs.next_promotion({"low1", "low3", "peer"}) is None
+
+
+def test_a_waiting_trial_that_is_not_paused_yet_is_not_chosen():
+    rungs = Rungs((1,), reduction_factor=2)
+    rungs.arrive("a", 1, 0.9)
+    rungs.arrive("b", 1, 0.1)
+    assert rungs.next_promotion(set()) is None  # a is still saving its checkpoint: not PAUSED yet
+    assert rungs.next_promotion({"a"}) == "a"
+
+
+def test_closing_promotes_the_best_of_a_rung_that_promoted_nobody():
+    rungs = Rungs((1, 3), reduction_factor=3)
+    for trial, score in (("a", 0.5), ("b", 0.9), ("c", 0.4)):
+        rungs.arrive(trial, 1, score)
+    assert rungs.next_promotion({"a", "b", "c"}) == "b" and rungs.promoted[1] == {"b"}
+    assert not rungs.arrive("b", 3, 0.95)  # alone at rung 3, which will get no peer: the search is out of trials
+    assert rungs.closing_promotion({"a", "c", "b"}) == "b"
+    assert rungs.closing_promotion({"a", "c"}) is None
+
+
+def test_nan_ranks_last_and_best_waiting_prefers_the_highest_rung():
+    rungs = Rungs((1, 2), reduction_factor=2)
+    rungs.arrive("nan", 1, math.nan)
+    assert rungs.arrive("ok", 1, 0.01)
+    rungs.arrive("ok", 2, 0.3)
+    assert rungs.best_waiting({"nan", "ok"}) == "ok"
+    rungs.leave("nan")
+    assert rungs.waiting == {}
+
+
+@pytest.mark.parametrize("train, classes, max_epochs, factor, expected", [
+    (38_400, 1000, 10, 3, 1),  # the contest: 38 photos a class each epoch
+    (1_528, 764, 15, 3, 5),  # 2 a class: would want 10 epochs, capped to leave a rung below 15
+    (120, 10, 10, 2, 2),  # the demo: 12 a class
+    (10, 10, 2, 3, 1),  # no rung fits: at least 1
+])
+def test_auto_grace_period_from_the_data_size(train, classes, max_epochs, factor, expected):
+    assert auto_grace_period(train, classes, max_epochs, factor) == expected
+
+
+# ------------------------------------------------------------------------------------------ through Ray
+def _trainable(config):
+    """Reports val_acc = config's quality each epoch; its state (epochs trained) lives in the checkpoint."""
+    epoch, log = 0, Path(config["log"])
+    checkpoint = tune.get_checkpoint()
+    if checkpoint:
+        with checkpoint.as_directory() as folder:
+            epoch = json.loads((Path(folder) / "state.json").read_text())["epoch"]
+    while epoch < 4:
+        epoch += 1
+        with log.open("a") as out:
+            out.write(f"{config['quality']} {epoch}\n")
+        with tempfile.TemporaryDirectory() as folder:
+            (Path(folder) / "state.json").write_text(json.dumps({"epoch": epoch}))
+            tune.report({"epoch": epoch, "val_acc": config["quality"]},
+                        checkpoint=tune.Checkpoint.from_directory(folder))
+
+
+@pytest.mark.slow
+def test_paused_trials_resume_from_their_checkpoints_and_the_bad_ones_end_at_the_first_rung(tmp_path):
+    ray.init(num_cpus=1, include_dashboard=False, log_to_driver=False)
+    try:
+        log = tmp_path / "epochs.log"
+        tuner = tune.Tuner(
+            _trainable,
+            param_space={"quality": tune.grid_search([0.1, 0.9, 0.5, 0.3]), "log": str(log)},
+            tune_config=tune.TuneConfig(scheduler=PromotingASHA("val_acc", "max", max_epochs=4, grace_period=1,
+                                                                reduction_factor=2),
+                                        reuse_actors=False),
+            run_config=tune.RunConfig(storage_path=str(tmp_path / "runs"), verbose=0,
+                                      checkpoint_config=tune.CheckpointConfig(num_to_keep=1)))
+        grid = tuner.fit()
+    finally:
+        ray.shutdown()
+    runs = [tuple(line.split()) for line in log.read_text().splitlines()]
+    assert len(runs) == len(set(runs)), "an epoch ran twice: a resumed trial did not start from its checkpoint"
+    epochs = {float(q): max(int(e) for qq, e in runs if qq == q) for q, _ in runs}
+    # One at a time, in grid order: 0.1 waits; 0.9 goes on and waits at rung 2; 0.5 waits until 0.3 arrives, then
+    # is promoted (resumed at epoch 2), waits at rung 2 below 0.9, which is promoted and finishes.
+    assert epochs == {0.1: 1, 0.9: 4, 0.5: 2, 0.3: 1}
+    assert all(sorted(int(e) for qq, e in runs if float(qq) == q) == list(range(1, n + 1)) for q, n in epochs.items())
+    assert not any(result.error for result in grid)

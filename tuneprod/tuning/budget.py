@@ -1,0 +1,153 @@
+"""One budget for the whole run: the trials, then the final stage, then the test predictions.
+
+Before any trial, a short measurement of training and evaluation speed (with a trial's resources) checks that the
+budget holds one trial to its first rung, the final stage and the predictions; a smaller budget is a one-line error.
+While the trials run, `BudgetStopper` re-plans the final stage from their measured speeds and best epochs, and ends
+the trials when the time left is what the final stage and the predictions need.
+"""
+from __future__ import annotations
+
+import heapq
+import math
+import statistics
+import time
+from dataclasses import dataclass
+from typing import Callable, Optional, Sequence
+
+from ray import tune
+
+FIXED_OVERHEAD_S = 30.0  # member tasks started, models built, the artifact written and loaded again to predict
+DECODE_S_PER_IMAGE = 0.004  # a test photo read and resized for prediction (a 256 px JPEG, one core)
+
+
+@dataclass(frozen=True)
+class Speed:
+    train_images_per_s: float  # one trial's (or member's) training throughput, augmentation included
+    eval_images_per_s: float  # forward passes only
+
+
+@dataclass(frozen=True)
+class Workload:
+    """What the run must get through besides the trials' epochs."""
+
+    train_images: int  # a trial's epoch
+    val_images: int
+    labelled_images: int  # a member's epoch: train + validation
+    test_images: int
+    views: int  # forward passes per test image and member (test-time augmentation)
+    members: int  # distinct configurations (final.members)
+    seeds: int  # each trained with this many seeds (final.seeds)
+    member_epochs_default: Optional[int]  # final.epochs when fixed; None: each member's trial's best epoch
+    slots: int  # members trained at once
+    final: bool  # whether the final stage and predictions follow the trials
+
+
+@dataclass(frozen=True)
+class FinalEstimate:
+    members_s: float
+    predict_s: float
+    overhead_s: float
+
+    @property
+    def total_s(self) -> float:
+        return self.members_s + self.predict_s + self.overhead_s
+
+
+def makespan(durations: Sequence[float], slots: int) -> float:
+    """Wall time of jobs run `slots` at a time, longest first, each on the slot that frees first."""
+    ends = [0.0] * max(1, slots)
+    for duration in sorted(durations, reverse=True):
+        heapq.heapreplace(ends, ends[0] + duration)
+    return max(ends)
+
+
+def final_estimate(work: Workload, speed: Speed, member_epochs: Sequence[int]) -> FinalEstimate:
+    if not work.final:
+        return FinalEstimate(0.0, 0.0, 0.0)
+    epoch_s = work.labelled_images / speed.train_images_per_s
+    members_s = makespan([epochs * epoch_s for epochs in member_epochs], work.slots)
+    per_image_s = work.views * len(member_epochs) / speed.eval_images_per_s + DECODE_S_PER_IMAGE
+    return FinalEstimate(members_s, work.test_images * per_image_s, FIXED_OVERHEAD_S)
+
+
+def trial_seconds(work: Workload, speed: Speed, epochs: int) -> float:
+    return epochs * (work.train_images / speed.train_images_per_s + work.val_images / speed.eval_images_per_s)
+
+
+def minimum_seconds(work: Workload, speed: Speed, grace_period: int) -> tuple[float, float, FinalEstimate]:
+    """The least a run can do: one trial to its first rung, then members of that many epochs, then predictions.
+    Returns (total, the trial's part, the final part)."""
+    epochs = work.member_epochs_default or grace_period
+    final = final_estimate(work, speed, [epochs] * (work.members * work.seeds))
+    trial = trial_seconds(work, speed, grace_period)
+    return trial + final.total_s, trial, final
+
+
+@dataclass
+class _TrialBest:
+    score: float  # higher is better
+    epoch: int
+
+
+class BudgetStopper(tune.Stopper):
+    """Ends all trials once the time used plus the final stage's estimate reaches the budget. The estimate follows
+    the search: the members are the current best trials (each for its best epoch so far, or final.epochs), at the
+    median speed the trials report."""
+
+    def __init__(self, budget_s: float, work: Workload, first_speed: Speed, metric: str, mode: str,
+                 progress: Callable[[str], None] = print):
+        self.budget_s, self.work, self.first_speed = budget_s, work, first_speed
+        self.metric, self.sign = metric, (1.0 if mode == "max" else -1.0)
+        self.progress = progress
+        self.best: dict[str, _TrialBest] = {}
+        self.train_speeds: list[float] = []
+        self.eval_speeds: list[float] = []
+        self.started = time.monotonic()
+        self.stopped = False
+
+    def __call__(self, trial_id: str, result: dict) -> bool:
+        value = result.get(self.metric)
+        if isinstance(value, (int, float)) and math.isfinite(value):
+            score = self.sign * value
+            best = self.best.get(trial_id)
+            if best is None or score > best.score:
+                self.best[trial_id] = _TrialBest(score, int(result.get("epoch", 1)))
+        for key, speeds in (("images_per_s", self.train_speeds), ("eval_images_per_s", self.eval_speeds)):
+            if result.get(key):
+                speeds.append(float(result[key]))
+        return False
+
+    def speed(self) -> Speed:
+        return Speed(statistics.median(self.train_speeds) if self.train_speeds else self.first_speed.train_images_per_s,
+                     statistics.median(self.eval_speeds) if self.eval_speeds else self.first_speed.eval_images_per_s)
+
+    def member_epochs(self) -> list[int]:
+        """Epochs of each planned member: the best trials so far, each with the seeds it will be trained with."""
+        top = sorted(self.best.values(), key=lambda b: -b.score)[:self.work.members]
+        epochs = [self.work.member_epochs_default or b.epoch for b in top] or [self.work.member_epochs_default or 1]
+        return [e for e in epochs for _ in range(self.work.seeds)]
+
+    def estimate(self) -> FinalEstimate:
+        return final_estimate(self.work, self.speed(), self.member_epochs())
+
+    def used_s(self) -> float:
+        return time.monotonic() - self.started
+
+    def stop_all(self) -> bool:
+        if self.stopped:
+            return True
+        estimate = self.estimate()
+        if self.used_s() + estimate.total_s >= self.budget_s:
+            self.stopped = True
+            left = self.budget_s - self.used_s()
+            what = (f"~{estimate.members_s:.0f} s for the final stage ({len(self.member_epochs())} member(s)), "
+                    f"~{estimate.predict_s:.0f} s for predictions and ~{estimate.overhead_s:.0f} s of setup"
+                    if self.work.final else "nothing after the trials")
+            self.progress(f"tuneprod: {self.used_s():.0f} s of the {self.budget_s:.0f} s budget used: ending the "
+                          f"trials, leaving {max(left, 0):.0f} s ({what})")
+        return self.stopped
+
+    def __setstate__(self, state: dict) -> None:
+        # Tuner.restore brings the stopper back from the experiment folder: a resumed search's budget starts afresh
+        # (the clock of the process that saved it means nothing here).
+        self.__dict__.update(state, started=time.monotonic(), stopped=False)
