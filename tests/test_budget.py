@@ -1,7 +1,9 @@
 """One budget for search, final stage and predictions: the planning arithmetic with hand-picked speeds."""
+import threading
 from pathlib import Path
 
 import pytest
+from ray import cloudpickle
 
 from tuneprod.spec import UserError, spec_from_dict
 from tuneprod.tuning.budget import (FIXED_OVERHEAD_S, BudgetStopper, Speed, Workload, final_estimate, makespan,
@@ -82,3 +84,14 @@ def test_without_a_final_stage_the_budget_is_the_trials_alone():
     assert not stopper.stop_all()
     stopper.started -= 2
     assert stopper.stop_all()
+
+
+def test_the_stopper_travels_with_the_experiment_and_its_budget_restarts_on_resume():
+    console = threading.Lock()  # a console that cannot be pickled (the CLI's print, once Ray has replaced it)
+    stopper = BudgetStopper(100, WORK, SPEED, "val_acc", "max", lambda line: console and None)
+    stopper("a", {"epoch": 2, "val_acc": 0.5})
+    stopper.started -= 500
+    assert stopper.stop_all()
+    restored = cloudpickle.loads(cloudpickle.dumps(stopper))
+    assert restored.best == stopper.best and restored.progress is print
+    assert not restored.stopped and restored.used_s() < 5

@@ -9,7 +9,9 @@ import pytest
 import ray
 from ray import tune
 
-from tuneprod.tuning.scheduler import PromotingASHA, Rungs, auto_grace_period, milestones
+from ray.tune.search import Searcher
+
+from tuneprod.tuning.scheduler import PromotingASHA, Rungs, RunningTrialsLimiter, auto_grace_period, milestones
 
 
 @pytest.mark.parametrize("grace, factor, max_epochs, expected", [
@@ -134,3 +136,84 @@ def test_paused_trials_resume_from_their_checkpoints_and_the_bad_ones_end_at_the
     assert epochs == {0.1: 1, 0.9: 4, 0.5: 2, 0.3: 1}
     assert all(sorted(int(e) for qq, e in runs if float(qq) == q) == list(range(1, n + 1)) for q, n in epochs.items())
     assert not any(result.error for result in grid)
+
+
+class CountingSearcher(Searcher):
+    def __init__(self):
+        super().__init__(metric="val_acc", mode="max")
+        self.asked = 0
+
+    def suggest(self, trial_id):
+        self.asked += 1
+        return {"lr": 0.1}
+
+    def on_trial_complete(self, trial_id, result=None, error=False):
+        pass
+
+
+def test_max_concurrent_trials_does_not_count_trials_waiting_at_a_rung():
+    rungs = Rungs((1,), reduction_factor=3)
+    limiter = RunningTrialsLimiter(CountingSearcher(), max_concurrent=2, rungs=rungs)
+    assert limiter.suggest("a") and limiter.suggest("b")
+    assert limiter.suggest("c") is None  # two running: the limit
+    rungs.arrive("a", 1, 0.5)  # a waits, paused: its slot is free
+    assert limiter.suggest("c") == {"lr": 0.1}
+    assert limiter.suggest("d") is None
+    limiter.on_trial_complete("b")
+    assert limiter.suggest("d") == {"lr": 0.1}
+
+
+class FakeTrial:
+    def __init__(self, trial_id, status):
+        self.trial_id, self.status = trial_id, status
+
+
+class FakeController:
+    """What PromotingASHA reads of Ray's TuneController: the trials, whether the searcher is done, stop_trial."""
+
+    def __init__(self, trials, finished):
+        self.trials, self.stopped = trials, []
+        self.search_alg = type("SearchAlg", (), {"is_finished": lambda _: finished})()
+
+    def get_trials(self):
+        return self.trials
+
+    def stop_trial(self, trial):
+        self.stopped.append(trial.trial_id)
+        trial.status = "TERMINATED"
+
+
+def scheduler_with(arrivals, max_concurrent=None):
+    scheduler = PromotingASHA("val_acc", "max", max_epochs=9, grace_period=1, reduction_factor=3,
+                              max_concurrent=max_concurrent)
+    for trial, rung, score in arrivals:
+        scheduler.rungs.arrive(trial, rung, score)
+    return scheduler
+
+
+def test_choosing_promotes_before_starting_new_trials_and_respects_the_concurrency_limit():
+    scheduler = scheduler_with([("a", 1, 0.9), ("b", 1, 0.2), ("c", 1, 0.1)])  # 3 at rung 1: a is promotable
+    a, new = FakeTrial("a", "PAUSED"), FakeTrial("new", "PENDING")
+    assert scheduler.choose_trial_to_run(FakeController([a, new], finished=False)) is a
+    assert scheduler.choose_trial_to_run(FakeController([a, new], finished=False)) is new  # a promoted once only
+    limited = scheduler_with([("a", 1, 0.9), ("b", 1, 0.2), ("c", 1, 0.1)], max_concurrent=1)
+    busy = [FakeTrial("a", "PAUSED"), FakeTrial("x", "RUNNING")]
+    assert limited.choose_trial_to_run(FakeController(busy, finished=False)) is None
+
+
+def test_at_the_end_a_rung_that_promoted_nobody_promotes_its_best_and_the_rest_are_stopped():
+    scheduler = scheduler_with([("a", 1, 0.9), ("b", 1, 0.2), ("c", 1, 0.1)])
+    scheduler.rungs.next_promotion({"a"})
+    scheduler.rungs.arrive("a", 3, 0.95)  # alone at rung 3
+    trials = [FakeTrial(t, "PAUSED") for t in "abc"]
+    controller = FakeController(trials, finished=True)
+    assert scheduler.choose_trial_to_run(controller) is trials[0]  # a: the best of a rung that promoted nobody
+    trials[0].status = "TERMINATED"
+    assert scheduler.choose_trial_to_run(controller) is None
+    assert controller.stopped == ["b", "c"]
+
+
+def test_while_a_trial_runs_nobody_waiting_is_stopped():
+    scheduler = scheduler_with([("b", 1, 0.2)])
+    controller = FakeController([FakeTrial("b", "PAUSED"), FakeTrial("r", "RUNNING")], finished=True)
+    assert scheduler.choose_trial_to_run(controller) is None and controller.stopped == []

@@ -147,7 +147,11 @@ class BudgetStopper(tune.Stopper):
                           f"trials, leaving {max(left, 0):.0f} s ({what})")
         return self.stopped
 
+    # The Tuner saves the stopper in the experiment folder, and Tuner.restore brings it back: without the progress
+    # callable (the console may not pickle), and with the budget starting afresh for the resumed search (the clock of
+    # the process that saved it means nothing here).
+    def __getstate__(self) -> dict:
+        return {key: value for key, value in self.__dict__.items() if key != "progress"}
+
     def __setstate__(self, state: dict) -> None:
-        # Tuner.restore brings the stopper back from the experiment folder: a resumed search's budget starts afresh
-        # (the clock of the process that saved it means nothing here).
-        self.__dict__.update(state, started=time.monotonic(), stopped=False)
+        self.__dict__.update(state, progress=print, started=time.monotonic(), stopped=False)

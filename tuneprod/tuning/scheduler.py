@@ -16,6 +16,7 @@ from typing import Optional
 
 from ray.tune.experiment import Trial
 from ray.tune.schedulers import FIFOScheduler, TrialScheduler
+from ray.tune.search import ConcurrencyLimiter, Searcher
 
 
 def milestones(grace_period: int, reduction_factor: float, max_epochs: int) -> tuple[int, ...]:
@@ -97,8 +98,9 @@ class PromotingASHA(FIFOScheduler):
     the search metric)."""
 
     def __init__(self, metric: str, mode: str, max_epochs: int, grace_period: int, reduction_factor: float,
-                 rung_metric: Optional[str] = None):
+                 rung_metric: Optional[str] = None, max_concurrent: Optional[int] = None):
         super().__init__()
+        self.max_concurrent = max_concurrent  # trials running at once (search.max_concurrent_trials), if limited
         self._metric, self._mode = metric, mode
         self._rung_metric = rung_metric or metric
         # val_loss ranks the other way round from val_acc, whatever the search's mode.
@@ -125,6 +127,9 @@ class PromotingASHA(FIFOScheduler):
     def choose_trial_to_run(self, tune_controller) -> Optional[Trial]:
         trials = tune_controller.get_trials()
         paused = {t.trial_id: t for t in trials if t.status == Trial.PAUSED}
+        active = sum(t.status in (Trial.RUNNING, Trial.PENDING) for t in trials)
+        if self.max_concurrent is not None and active >= self.max_concurrent:
+            return None
         promoted = self.rungs.next_promotion(set(paused))
         if promoted:
             return paused[promoted]
@@ -145,6 +150,25 @@ class PromotingASHA(FIFOScheduler):
 
     def debug_string(self) -> str:
         return f"promoting ASHA: rungs at epochs {', '.join(map(str, self.rungs.milestones))}"
+
+
+class RunningTrialsLimiter(ConcurrencyLimiter):
+    """search.max_concurrent_trials with the promoting ASHA: a trial waiting paused at a rung holds no resources, so
+    it does not count. Ray's ConcurrencyLimiter counts it until it ends, and with every slot taken by waiting trials
+    the searcher would propose nothing while the machine idles."""
+
+    def __init__(self, searcher: Searcher, max_concurrent: int, rungs: Rungs):
+        super().__init__(searcher, max_concurrent)
+        self.rungs = rungs
+
+    def suggest(self, trial_id: str) -> Optional[dict]:
+        if len(self.live_trials - set(self.rungs.waiting)) >= self.max_concurrent:
+            return None
+        suggestion = self.searcher.suggest(trial_id)
+        if suggestion not in (None, Searcher.FINISHED):
+            self.live_trials.add(trial_id)
+            self.num_unfinished_live_trials += 1
+        return suggestion
 
 
 # Before the first comparison each class should have been seen this many times (in all, over the epochs): on the

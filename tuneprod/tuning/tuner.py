@@ -26,7 +26,7 @@ from tuneprod.train.models import WeightsError, ensure_pretrained_weights
 from tuneprod.tuning import results
 from tuneprod.tuning.budget import BudgetStopper, Speed, Workload, final_estimate, minimum_seconds, trial_seconds
 from tuneprod.tuning.packing import PROBE_RECORD, PackingTable, measure_gpu
-from tuneprod.tuning.scheduler import PromotingASHA, auto_grace_period
+from tuneprod.tuning.scheduler import PromotingASHA, RunningTrialsLimiter, auto_grace_period
 from tuneprod.tuning.space import DefineByRun, sampler
 from tuneprod.tuning.trainable import TrialData, train_trial
 
@@ -64,11 +64,15 @@ def run_search(spec: Spec, address: Optional[str] = None, progress: Callable[[st
     start_ray(address, progress)
     trainable = _trainable(spec, data, address, progress)
     stopper = _budget(spec, data, images, grace, final and spec.final.enabled, progress)
+    scheduler = _scheduler(spec, grace, progress)
+    searcher, max_concurrent = _searcher(spec), spec.search.max_concurrent_trials
+    if isinstance(scheduler, PromotingASHA) and max_concurrent:  # trials waiting at a rung must not count
+        searcher, max_concurrent = RunningTrialsLimiter(searcher, max_concurrent, scheduler.rungs), None
     tuner = tune.Tuner(
         trainable,
-        tune_config=tune.TuneConfig(search_alg=_searcher(spec), scheduler=_scheduler(spec, grace, progress),
+        tune_config=tune.TuneConfig(search_alg=searcher, scheduler=scheduler,
                                     num_samples=spec.search.num_samples,
-                                    max_concurrent_trials=spec.search.max_concurrent_trials,
+                                    max_concurrent_trials=max_concurrent,
                                     # A stopped trial's process exits, and so returns its GPU memory to the
                                     # trials after it (a reused actor keeps torch's cached blocks: ray #23971).
                                     reuse_actors=False,
@@ -357,7 +361,7 @@ def _scheduler(spec: Spec, grace: int, progress: Callable[[str], None]):
                              max_t=options.max_epochs, grace_period=grace,
                              reduction_factor=options.reduction_factor)
     scheduler = PromotingASHA(metric, mode, options.max_epochs, grace, options.reduction_factor,
-                              options.rung_metric)
+                              options.rung_metric, spec.search.max_concurrent_trials)
     rungs = ", ".join(map(str, scheduler.rungs.milestones)) or "none"
     how = "auto, from the data size" if options.grace_period == "auto" else "search.scheduler.grace_period"
     progress(f"tuneprod: trials are compared at epochs {rungs} (first rung: {how}); the best "
