@@ -11,7 +11,8 @@ from ray import tune
 
 from ray.tune.search import Searcher
 
-from tuneprod.tuning.scheduler import PromotingASHA, Rungs, RunningTrialsLimiter, auto_grace_period, milestones
+from tuneprod.tuning.scheduler import (CONTINUE, STOP, WAIT, PromotingASHA, Rungs, RunningTrialsLimiter,
+                                       auto_grace_period, milestones)
 
 
 @pytest.mark.parametrize("grace, factor, max_epochs, expected", [
@@ -22,32 +23,46 @@ def test_milestones_are_the_rungs_below_max_epochs(grace, factor, max_epochs, ex
     assert milestones(grace, factor, max_epochs) == expected
 
 
-def test_a_bad_first_trial_waits_and_never_goes_on_once_peers_report():
+def test_a_bad_first_trial_waits_and_is_stopped_once_peers_report():
     rungs = Rungs((1, 3), reduction_factor=3)
-    assert not rungs.arrive("first", 1, 0.1)  # alone at the rung: nothing to compare with, so it waits
-    assert not rungs.arrive("b", 1, 0.5)
-    assert rungs.arrive("c", 1, 0.9)  # 3 at the rung: the best third (c) goes straight on
+    assert rungs.arrive("first", 1, 0.1) == WAIT  # alone at the rung: nothing to compare with
+    assert rungs.arrive("b", 1, 0.5) == WAIT
+    assert rungs.arrive("c", 1, 0.9) == CONTINUE  # 3 at the rung: the best third (c) goes straight on
     assert rungs.next_promotion({"first", "b"}) is None
-    assert not rungs.arrive("d", 1, 0.3)
-    assert not rungs.arrive("e", 1, 0.2)
-    assert rungs.arrive("f", 1, 0.6)  # 6 at the rung: the best two are c and f
-    assert rungs.arrive("g", 1, 0.7)  # 7: c and g; f was promoted before g came, as asynchronous halving allows
-    assert rungs.closing_promotion({"first", "b", "d", "e"}) is None  # rung 1 promoted already: the rest end there
-    assert rungs.waiting == {"first": 1, "b": 1, "d": 1, "e": 1}
+    assert rungs.losers({"first", "b"}) == ["first", "b"] and rungs.waiting == {}
+    assert rungs.arrive("d", 1, 0.3) == STOP  # the rung is decided: below the best third, stopped at once
+    assert rungs.arrive("e", 1, 0.95) == CONTINUE  # 5 at the rung, quota 1: e is the best not yet promoted
+    assert rungs.arrive("f", 1, 0.7) == STOP  # 6, quota 2: e and c, both promoted already
 
 
-def test_waiting_trials_are_promoted_when_later_peers_rank_below_them_highest_rung_first():
-    rungs = Rungs((1, 3), reduction_factor=2)
-    assert not rungs.arrive("a", 1, 0.8)
-    assert not rungs.arrive("b", 1, 0.1)  # 2 at the rung, quota 1: a (waiting) is the one to promote, not b
+def test_trials_tied_with_the_cut_go_on_as_they_cannot_be_told_apart():
+    rungs = Rungs((2,), reduction_factor=3)
+    assert [rungs.arrive(t, 2, 0.1) for t in "abc"] == [WAIT, WAIT, CONTINUE]  # all at chance: quota 1, all tied
+    assert rungs.next_promotion({"a", "b"}) == "a" and rungs.next_promotion({"b"}) == "b"
+    assert rungs.arrive("d", 2, 0.05) == STOP
+
+
+def test_a_first_arrival_that_is_best_is_promoted_from_its_pause_and_the_rest_stop():
+    rungs = Rungs((1, 3), reduction_factor=3)
+    assert [rungs.arrive(t, 1, score) for t, score in (("a", 0.9), ("b", 0.2), ("c", 0.1))] == [WAIT, WAIT, STOP]
+    assert rungs.losers({"a", "b"}) == ["b"]  # a is promotable: it stays to be resumed
+    assert rungs.next_promotion({"a"}) == "a" and rungs.next_promotion({"a"}) is None  # promoted once only
+
+
+def test_promotion_mode_keeps_the_losers_waiting_for_later_arrivals_highest_rung_first():
+    rungs = Rungs((1, 3), reduction_factor=2, stop_losers=False)
+    assert rungs.arrive("a", 1, 0.8) == WAIT
+    assert rungs.arrive("b", 1, 0.1) == WAIT  # 2 at the rung, quota 1: a (waiting) is the one to promote, not b
+    assert rungs.losers({"a", "b"}) == []
     assert rungs.next_promotion({"a", "b"}) == "a"
-    assert rungs.next_promotion({"a", "b"}) is None  # promoted once only
-    assert rungs.waiting == {"b": 1}
+    assert rungs.arrive("c", 1, 0.05) == WAIT
+    assert rungs.arrive("d", 1, 0.01) == WAIT  # 4 at the rung, quota 2: b's turn, though it arrived second
+    assert rungs.next_promotion({"b", "c", "d"}) == "b"
 
-    rungs = Rungs((1, 3), reduction_factor=2)
+    rungs = Rungs((1, 3), reduction_factor=2, stop_losers=False)
     for trial, score in (("low1", 0.7), ("hi", 0.9)):
         rungs.arrive(trial, 1, score)
-    assert not rungs.arrive("top", 3, 0.95)  # alone at rung 3
+    assert rungs.arrive("top", 3, 0.95) == WAIT  # alone at rung 3
     rungs.arrive("low2", 1, 0.8)
     rungs.arrive("low3", 1, 0.1)  # 4 at rung 1, quota 2: hi and low2
     rungs.arrive("peer", 3, 0.2)  # 2 at rung 3, quota 1: top
@@ -68,16 +83,16 @@ def test_closing_promotes_the_best_of_a_rung_that_promoted_nobody():
     rungs = Rungs((1, 3), reduction_factor=3)
     for trial, score in (("a", 0.5), ("b", 0.9), ("c", 0.4)):
         rungs.arrive(trial, 1, score)
-    assert rungs.next_promotion({"a", "b", "c"}) == "b" and rungs.promoted[1] == {"b"}
-    assert not rungs.arrive("b", 3, 0.95)  # alone at rung 3, which will get no peer: the search is out of trials
-    assert rungs.closing_promotion({"a", "c", "b"}) == "b"
-    assert rungs.closing_promotion({"a", "c"}) is None
+    assert rungs.next_promotion({"a", "b"}) == "b" and rungs.promoted[1] == {"b"}
+    assert rungs.arrive("b", 3, 0.95) == WAIT  # alone at rung 3, which will get no peer: the search is out of trials
+    assert rungs.closing_promotion({"a", "b"}) == "b"
+    assert rungs.closing_promotion({"a"}) is None
 
 
 def test_nan_ranks_last_and_best_waiting_prefers_the_highest_rung():
     rungs = Rungs((1, 2), reduction_factor=2)
     rungs.arrive("nan", 1, math.nan)
-    assert rungs.arrive("ok", 1, 0.01)
+    assert rungs.arrive("ok", 1, 0.01) == CONTINUE
     rungs.arrive("ok", 2, 0.3)
     assert rungs.best_waiting({"nan", "ok"}) == "ok"
     rungs.leave("nan")
@@ -112,8 +127,14 @@ def _trainable(config):
                         checkpoint=tune.Checkpoint.from_directory(folder))
 
 
+# One at a time, in grid order. 0.1 waits at rung 1. Stopping mode: 0.9 makes two, goes on and waits at rung 2; 0.1,
+# then 0.5 and 0.3 stop at rung 1; 0.9, alone at rung 2 when the trials run out, is promoted and resumes. Promotion
+# mode: 0.5 waits until 0.3 arrives (4 at the rung, quota 2), is promoted, resumes at epoch 2 and waits below 0.9.
 @pytest.mark.slow
-def test_paused_trials_resume_from_their_checkpoints_and_the_bad_ones_end_at_the_first_rung(tmp_path):
+@pytest.mark.parametrize("stop_losers, expected", [(True, {0.1: 1, 0.9: 4, 0.5: 1, 0.3: 1}),
+                                                   (False, {0.1: 1, 0.9: 4, 0.5: 2, 0.3: 1})])
+def test_paused_trials_resume_from_their_checkpoints_and_the_bad_ones_end_at_the_first_rung(tmp_path, stop_losers,
+                                                                                            expected):
     ray.init(num_cpus=1, include_dashboard=False, log_to_driver=False)
     try:
         log = tmp_path / "epochs.log"
@@ -121,7 +142,7 @@ def test_paused_trials_resume_from_their_checkpoints_and_the_bad_ones_end_at_the
             _trainable,
             param_space={"quality": tune.grid_search([0.1, 0.9, 0.5, 0.3]), "log": str(log)},
             tune_config=tune.TuneConfig(scheduler=PromotingASHA("val_acc", "max", max_epochs=4, grace_period=1,
-                                                                reduction_factor=2),
+                                                                reduction_factor=2, stop_losers=stop_losers),
                                         reuse_actors=False),
             run_config=tune.RunConfig(storage_path=str(tmp_path / "runs"), verbose=0,
                                       checkpoint_config=tune.CheckpointConfig(num_to_keep=1)))
@@ -131,9 +152,7 @@ def test_paused_trials_resume_from_their_checkpoints_and_the_bad_ones_end_at_the
     runs = [tuple(line.split()) for line in log.read_text().splitlines()]
     assert len(runs) == len(set(runs)), "an epoch ran twice: a resumed trial did not start from its checkpoint"
     epochs = {float(q): max(int(e) for qq, e in runs if qq == q) for q, _ in runs}
-    # One at a time, in grid order: 0.1 waits; 0.9 goes on and waits at rung 2; 0.5 waits until 0.3 arrives, then
-    # is promoted (resumed at epoch 2), waits at rung 2 below 0.9, which is promoted and finishes.
-    assert epochs == {0.1: 1, 0.9: 4, 0.5: 2, 0.3: 1}
+    assert epochs == expected
     assert all(sorted(int(e) for qq, e in runs if float(qq) == q) == list(range(1, n + 1)) for q, n in epochs.items())
     assert not any(result.error for result in grid)
 

@@ -200,11 +200,12 @@ class SearcherSpec(_Strict):
 
 
 class SchedulerSpec(_Strict):
-    """asha: a trial waits (paused, checkpointed) at each rung until it ranks among the best 1/reduction_factor
-    there (tuning/scheduler.py); asha_stopping: Ray's ASHAScheduler, which decides at once and so lets the first
-    trial at a rung through; fifo: every trial runs max_epochs."""
+    """asha: a trial waits (paused, checkpointed) at a rung until reduction_factor trials have reported there; the
+    best 1/reduction_factor go on, the others stop. asha_promotion: the others wait on, to be promoted if later
+    trials rank below them (ASHA's paper). asha_stopping: Ray's ASHAScheduler, which decides at once and so lets the
+    first trial at a rung through. fifo: every trial runs max_epochs. See tuning/scheduler.py."""
 
-    type: Literal["asha", "asha_stopping", "fifo"] = "asha"
+    type: Literal["asha", "asha_promotion", "asha_stopping", "fifo"] = "asha"
     max_epochs: int = Field(10, ge=1)
     # auto: from the data, so that the first comparison comes once each class has been seen often enough
     # (tuning/scheduler.py: auto_grace_period).

@@ -1,11 +1,14 @@
-"""Successive halving that compares before it promotes: ASHA as its paper states it (Li et al. 2020, Algorithm 2;
-syne-tune's "promotion" type), for Ray Tune.
+"""Successive halving that compares before it decides, for Ray Tune.
 
-A trial that reaches a rung waits there, paused with its checkpoint, until it is among the best
-1/reduction_factor of all the trials that have reached that rung; then it is promoted and resumes where it stopped.
-Ray's ASHAScheduler instead lets a trial through a rung that holds too few results to compare it with: the first
-trial at every rung, however bad, runs to the end (ray-project/ray #32634). Here nobody passes a rung unchecked; when
-no new trial can come, each rung that has promoted nobody promotes its best, and the trials still waiting end there.
+Ray's ASHAScheduler decides at once, against whatever results a rung holds: the first trial to reach a rung has
+nothing to be compared with and goes on, however bad (ray-project/ray #32634). Here a trial that reaches a rung
+holding fewer than reduction_factor results waits there, paused with its checkpoint; once the rung holds enough,
+the best 1/reduction_factor of it go on (a waiting trial resumes where it stopped) and the others are decided:
+- `stop_losers=True` (type asha, the default): stopped then, as Ray's ASHA stops them; the searcher learns their
+  result at once (TPE only learns from finished trials);
+- `stop_losers=False` (type asha_promotion, the paper's Algorithm 2: Li et al. 2020; syne-tune's "promotion"
+  type): they wait on, and are promoted if later arrivals rank below them.
+When no new trial can come, a rung that promoted nobody promotes its best, and the trials still waiting end there.
 
 `Rungs` is the rule alone, in plain Python (tested with hand-written results); `PromotingASHA` feeds it Ray's trials.
 """
@@ -17,6 +20,8 @@ from typing import Optional
 from ray.tune.experiment import Trial
 from ray.tune.schedulers import FIFOScheduler, TrialScheduler
 from ray.tune.search import ConcurrencyLimiter, Searcher
+
+CONTINUE, WAIT, STOP = "continue", "wait", "stop"
 
 
 def milestones(grace_period: int, reduction_factor: float, max_epochs: int) -> tuple[int, ...]:
@@ -33,31 +38,42 @@ class Rungs:
     """Scores (higher is better) of the trials that reached each rung, which of them were promoted, and where each
     paused trial waits."""
 
-    def __init__(self, milestones: tuple[int, ...], reduction_factor: float):
+    def __init__(self, milestones: tuple[int, ...], reduction_factor: float, stop_losers: bool = True):
         self.milestones = milestones
         self.reduction_factor = reduction_factor
+        self.stop_losers = stop_losers
+        self.peers = math.ceil(reduction_factor)  # results a rung needs before anyone there is decided
         self.scores: dict[int, dict[str, float]] = {m: {} for m in milestones}  # in arrival order
         self.promoted: dict[int, set[str]] = {m: set() for m in milestones}
         self.waiting: dict[str, int] = {}  # trial -> the rung it waits at
 
-    def arrive(self, trial: str, rung: int, score: float) -> bool:
-        """Records a trial's score at a rung; True when it goes straight on, False when it must wait."""
+    def arrive(self, trial: str, rung: int, score: float) -> str:
+        """Records a trial's score at a rung: CONTINUE (it is among the best), WAIT (too few to compare with, or
+        it may yet be promoted) or STOP."""
         if math.isnan(score):
             score = -math.inf  # a NaN metric ranks last, and does not poison the comparison
         self.scores[rung][trial] = score
         if trial in self.promotable(rung):
             self.promoted[rung].add(trial)
-            return True
+            return CONTINUE
+        if self.stop_losers and self.decided(rung):
+            return STOP
         self.waiting[trial] = rung
-        return False
+        return WAIT
+
+    def decided(self, rung: int) -> bool:
+        return len(self.scores[rung]) >= self.peers
 
     def promotable(self, rung: int) -> list[str]:
-        """The best floor(n / reduction_factor) of the n trials at a rung that were not promoted yet, best first
-        (ties: the earlier arrival)."""
+        """The best floor(n / reduction_factor) of the n trials at a rung, and those tied with the last of them (equal
+        scores cannot be told apart: early on, many trials sit at chance), less those promoted already; best first."""
         scores = self.scores[rung]
         quota = int(len(scores) // self.reduction_factor)
-        best = sorted(scores, key=lambda t: -scores[t])[:quota]
-        return [t for t in best if t not in self.promoted[rung]]
+        if quota == 0:
+            return []
+        ranked = sorted(scores, key=lambda t: -scores[t])
+        cutoff = scores[ranked[quota - 1]]
+        return [t for t in ranked if scores[t] >= cutoff and t not in self.promoted[rung]]
 
     def next_promotion(self, paused: set[str]) -> Optional[str]:
         """A waiting trial that has earned its promotion: from the highest rung first, the best first."""
@@ -66,6 +82,17 @@ class Rungs:
                 if self.waiting.get(trial) == rung and trial in paused:
                     return self._promote(trial)
         return None
+
+    def losers(self, paused: set[str]) -> list[str]:
+        """With stop_losers: the waiting trials whose rung now holds enough results and that are not among its best;
+        they leave the rung (to be stopped)."""
+        if not self.stop_losers:
+            return []
+        lost = [t for t, rung in self.waiting.items()
+                if t in paused and self.decided(rung) and t not in self.promotable(rung)]
+        for trial in lost:
+            self.leave(trial)
+        return lost
 
     def closing_promotion(self, paused: set[str]) -> Optional[str]:
         """When no new trial can arrive: the best waiting trial of the highest rung that has promoted nobody yet
@@ -98,7 +125,7 @@ class PromotingASHA(FIFOScheduler):
     the search metric)."""
 
     def __init__(self, metric: str, mode: str, max_epochs: int, grace_period: int, reduction_factor: float,
-                 rung_metric: Optional[str] = None, max_concurrent: Optional[int] = None):
+                 rung_metric: Optional[str] = None, max_concurrent: Optional[int] = None, stop_losers: bool = True):
         super().__init__()
         self.max_concurrent = max_concurrent  # trials running at once (search.max_concurrent_trials), if limited
         self._metric, self._mode = metric, mode
@@ -106,14 +133,14 @@ class PromotingASHA(FIFOScheduler):
         # val_loss ranks the other way round from val_acc, whatever the search's mode.
         self._sign = -1.0 if (self._rung_metric == "val_loss" or (rung_metric is None and mode == "min")) else 1.0
         self.max_epochs = max_epochs
-        self.rungs = Rungs(milestones(grace_period, reduction_factor, max_epochs), reduction_factor)
+        self.rungs = Rungs(milestones(grace_period, reduction_factor, max_epochs), reduction_factor, stop_losers)
 
     def on_trial_result(self, tune_controller, trial: Trial, result: dict) -> str:
         epoch = result.get("epoch")
         if epoch not in self.rungs.milestones or self._rung_metric not in result:
             return TrialScheduler.CONTINUE
-        score = self._sign * float(result[self._rung_metric])
-        return TrialScheduler.CONTINUE if self.rungs.arrive(trial.trial_id, epoch, score) else TrialScheduler.PAUSE
+        decision = self.rungs.arrive(trial.trial_id, epoch, self._sign * float(result[self._rung_metric]))
+        return {CONTINUE: TrialScheduler.CONTINUE, WAIT: TrialScheduler.PAUSE, STOP: TrialScheduler.STOP}[decision]
 
     def on_trial_complete(self, tune_controller, trial: Trial, result: dict) -> None:
         self.rungs.leave(trial.trial_id)
@@ -127,6 +154,8 @@ class PromotingASHA(FIFOScheduler):
     def choose_trial_to_run(self, tune_controller) -> Optional[Trial]:
         trials = tune_controller.get_trials()
         paused = {t.trial_id: t for t in trials if t.status == Trial.PAUSED}
+        for loser in self.rungs.losers(set(paused)):  # their rung filled up with better trials
+            tune_controller.stop_trial(paused.pop(loser))
         active = sum(t.status in (Trial.RUNNING, Trial.PENDING) for t in trials)
         if self.max_concurrent is not None and active >= self.max_concurrent:
             return None
@@ -139,7 +168,7 @@ class PromotingASHA(FIFOScheduler):
         if any(t.status == Trial.RUNNING for t in trials) or not paused:
             return None
         # Nothing runs and nothing new is queued: close the rungs when the searcher has no trials left; otherwise
-        # (a concurrency limit counts paused trials as live) let the best waiting trial on, so the search moves.
+        # (it has nothing to propose yet) let the best waiting trial on, so that the search moves.
         finished = tune_controller.search_alg.is_finished()
         chosen = self.rungs.closing_promotion(set(paused)) or (None if finished else self.rungs.best_waiting(set(paused)))
         if chosen:

@@ -360,10 +360,12 @@ def _scheduler(spec: Spec, grace: int, progress: Callable[[str], None]):
         return ASHAScheduler(time_attr="training_iteration", metric=options.rung_metric or metric, mode=rung_mode,
                              max_t=options.max_epochs, grace_period=grace,
                              reduction_factor=options.reduction_factor)
+    stop_losers = options.type == "asha"
     scheduler = PromotingASHA(metric, mode, options.max_epochs, grace, options.reduction_factor,
-                              options.rung_metric, spec.search.max_concurrent_trials)
+                              options.rung_metric, spec.search.max_concurrent_trials, stop_losers)
     rungs = ", ".join(map(str, scheduler.rungs.milestones)) or "none"
     how = "auto, from the data size" if options.grace_period == "auto" else "search.scheduler.grace_period"
-    progress(f"tuneprod: trials are compared at epochs {rungs} (first rung: {how}); the best "
-             f"1/{options.reduction_factor:g} at each go on, the others wait paused and end there unless promoted")
+    others = "the others stop" if stop_losers else "the others wait, paused, for a later promotion"
+    progress(f"tuneprod: trials are compared at epochs {rungs} (first rung: {how}): a trial waits, paused, until "
+             f"{scheduler.rungs.peers} have reached its rung; the best 1/{options.reduction_factor:g} go on, {others}")
     return scheduler
