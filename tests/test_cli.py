@@ -61,3 +61,16 @@ def test_demo_data_refuses_a_non_empty_folder_and_bad_sizes(tmp_path):
     result = tuneprod("demo-data", tmp_path / "f", "--classes", "3", "--size", "24", "--train-per-class", "2",
                       "--test-per-class", "1")
     assert result.returncode == 0 and "3 classes, 6 training and 3 test images" in result.stdout
+
+
+@pytest.mark.slow
+def test_a_budget_too_small_for_one_trial_and_the_final_stage_fails_before_any_trial(tmp_path):
+    from tests.helpers import shrunk_space
+
+    space = shrunk_space("demo.yaml", tmp_path, data={"demo": str(tmp_path / "demo"), "image_size": 32},
+                         search={"time_budget_s": 1})
+    result = tuneprod("search", space, "--storage", tmp_path / "runs", cwd=tmp_path)
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+    # Ray's own start-up warnings may come first; the error is the last line, and one line.
+    assert "search.time_budget_s: the value is 1, but must be >= " in result.stderr.strip().splitlines()[-1]
+    assert not (tmp_path / "runs").exists()  # no experiment folder that looks like a search

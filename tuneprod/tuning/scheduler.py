@@ -169,8 +169,9 @@ class PromotingASHA(FIFOScheduler):
             return None
         # Nothing runs and nothing new is queued: close the rungs when the searcher has no trials left; otherwise
         # (it has nothing to propose yet) let the best waiting trial on, so that the search moves.
+        waiting = set(paused)
         finished = tune_controller.search_alg.is_finished()
-        chosen = self.rungs.closing_promotion(set(paused)) or (None if finished else self.rungs.best_waiting(set(paused)))
+        chosen = self.rungs.closing_promotion(waiting) or (None if finished else self.rungs.best_waiting(waiting))
         if chosen:
             return paused[chosen]
         for trial in paused.values():  # they end at the rung they wait at: stopped early, as ASHA intends

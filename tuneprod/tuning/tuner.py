@@ -57,13 +57,14 @@ def run_search(spec: Spec, address: Optional[str] = None, progress: Callable[[st
     """`final`: whether the final stage follows, so that search.time_budget_s keeps time for it."""
     images, data = _trial_data(spec, progress)
     grace = grace_period(spec, data)
+    start_ray(address, progress)
+    trainable = _trainable(spec, data, address, progress)
+    stopper = _budget(spec, data, images, grace, final and spec.final.enabled, progress)
+    # Only now, with every check passed, does the experiment folder appear.
     spec = free_experiment_dir(spec)
     spec.experiment_dir.mkdir(parents=True, exist_ok=True)
     spec.save(spec.experiment_dir / EXPERIMENT_SPEC)
     progress(f"tuneprod: results go to {spec.experiment_dir}")
-    start_ray(address, progress)
-    trainable = _trainable(spec, data, address, progress)
-    stopper = _budget(spec, data, images, grace, final and spec.final.enabled, progress)
     scheduler = _scheduler(spec, grace, progress)
     searcher, max_concurrent = _searcher(spec), spec.search.max_concurrent_trials
     if isinstance(scheduler, PromotingASHA) and max_concurrent:  # trials waiting at a rung must not count
