@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from tuneprod.final.ensemble import soft_vote, soup, tta_views, view_probabilities
+from tuneprod.final.ensemble import soft_vote, soup, tta_views, view_count, view_probabilities
 
 
 def test_soft_vote_averages_probabilities_not_votes():
@@ -63,3 +63,9 @@ def test_view_probabilities_average_softmax_over_views():
         expected = (model(images).softmax(1) + model(torch.flip(images, dims=[3])).softmax(1)) / 2
         assert torch.allclose(view_probabilities(model, images, ("flip",)), expected, atol=1e-6)
         assert torch.allclose(view_probabilities(model, images, ("flip",)).sum(1), torch.ones(3))
+
+
+@pytest.mark.parametrize("views, passes", [((), 1), (("flip",), 2), (("crops",), 5), (("flip", "crops"), 10),
+                                           (("flip", "scale", "crops"), 12)])
+def test_view_count_is_the_number_of_forward_passes_per_image(views, passes):
+    assert view_count(views) == passes

@@ -121,25 +121,21 @@ class Rungs:
 
 class PromotingASHA(FIFOScheduler):
     """Ray's side of `Rungs`: PAUSE at a rung, promoted trials chosen to run before new ones, the end of the search
-    closing the rungs. Rungs count epochs (`epoch` in each report); `rung_metric` ranks trials at the rungs (default:
-    the search metric)."""
+    closing the rungs. Rungs count epochs (`epoch` in each report); `metric` and `mode` rank trials at the rungs."""
 
     def __init__(self, metric: str, mode: str, max_epochs: int, grace_period: int, reduction_factor: float,
-                 rung_metric: Optional[str] = None, max_concurrent: Optional[int] = None, stop_losers: bool = True):
+                 max_concurrent: Optional[int] = None, stop_losers: bool = True):
         super().__init__()
         self.max_concurrent = max_concurrent  # trials running at once (search.max_concurrent_trials), if limited
-        self._metric, self._mode = metric, mode
-        self._rung_metric = rung_metric or metric
-        # val_loss ranks the other way round from val_acc, whatever the search's mode.
-        self._sign = -1.0 if (self._rung_metric == "val_loss" or (rung_metric is None and mode == "min")) else 1.0
-        self.max_epochs = max_epochs
+        self._metric = metric
+        self._sign = 1.0 if mode == "max" else -1.0  # Rungs ranks higher scores first
         self.rungs = Rungs(milestones(grace_period, reduction_factor, max_epochs), reduction_factor, stop_losers)
 
     def on_trial_result(self, tune_controller, trial: Trial, result: dict) -> str:
         epoch = result.get("epoch")
-        if epoch not in self.rungs.milestones or self._rung_metric not in result:
+        if epoch not in self.rungs.milestones or self._metric not in result:
             return TrialScheduler.CONTINUE
-        decision = self.rungs.arrive(trial.trial_id, epoch, self._sign * float(result[self._rung_metric]))
+        decision = self.rungs.arrive(trial.trial_id, epoch, self._sign * float(result[self._metric]))
         return {CONTINUE: TrialScheduler.CONTINUE, WAIT: TrialScheduler.PAUSE, STOP: TrialScheduler.STOP}[decision]
 
     def on_trial_complete(self, tune_controller, trial: Trial, result: dict) -> None:

@@ -353,20 +353,26 @@ def _scheduler(spec: Spec, grace: int, progress: Callable[[str], None]):
     options = spec.search.scheduler
     if options.type == "fifo":
         return FIFOScheduler()
-    metric, mode = spec.search.metric, spec.search.direction
+    metric, mode = _rung_ranking(spec)
     if options.type == "asha_stopping":
-        rung_mode = mode if options.rung_metric in (None, metric) else ("min" if options.rung_metric == "val_loss"
-                                                                         else "max")
         # time_attr counts reports, and a trial reports once per epoch: ASHA's rungs are in epochs.
-        return ASHAScheduler(time_attr="training_iteration", metric=options.rung_metric or metric, mode=rung_mode,
-                             max_t=options.max_epochs, grace_period=grace,
-                             reduction_factor=options.reduction_factor)
+        return ASHAScheduler(time_attr="training_iteration", metric=metric, mode=mode, max_t=options.max_epochs,
+                             grace_period=grace, reduction_factor=options.reduction_factor)
     stop_losers = options.type == "asha"
     scheduler = PromotingASHA(metric, mode, options.max_epochs, grace, options.reduction_factor,
-                              options.rung_metric, spec.search.max_concurrent_trials, stop_losers)
+                              spec.search.max_concurrent_trials, stop_losers)
     rungs = ", ".join(map(str, scheduler.rungs.milestones)) or "none"
     how = "auto, from the data size" if options.grace_period == "auto" else "search.scheduler.grace_period"
     others = "the others stop" if stop_losers else "the others wait, paused, for a later promotion"
     progress(f"tuneprod: trials are compared at epochs {rungs} (first rung: {how}): a trial waits, paused, until "
              f"{scheduler.rungs.peers} have reached its rung; the best 1/{options.reduction_factor:g} go on, {others}")
     return scheduler
+
+
+def _rung_ranking(spec: Spec) -> tuple[str, str]:
+    """The metric and mode that rank trials at the rungs: search.scheduler.rung_metric when set (val_loss lower is
+    better, val_acc higher, whatever the search's mode), else the search metric and its direction."""
+    rung_metric = spec.search.scheduler.rung_metric
+    if rung_metric is None or rung_metric == spec.search.metric:
+        return spec.search.metric, spec.search.direction
+    return rung_metric, "min" if rung_metric == "val_loss" else "max"
