@@ -20,7 +20,7 @@ def assert_user_error(result, *fragments):
         assert fragment in lines[0]
 
 
-@pytest.mark.parametrize("verb", ["search", "retrain", "predict", "demo-data"])
+@pytest.mark.parametrize("verb", ["search", "resume", "retrain", "predict", "report", "dashboard", "demo-data"])
 def test_help(verb):
     result = tuneprod(verb, "--help")
     assert result.returncode == 0 and "usage: tuneprod " + verb in result.stdout
@@ -51,6 +51,25 @@ def test_class_with_one_image_fails_before_any_trial(tmp_path):
 def test_retrain_and_predict_on_wrong_folders(tmp_path):
     assert_user_error(tuneprod("retrain", tmp_path), "not a tuneprod experiment folder")
     assert_user_error(tuneprod("predict", tmp_path, tmp_path), "not a tuneprod model folder")
+    assert_user_error(tuneprod("report", tmp_path), "not a tuneprod experiment folder")
+    assert_user_error(tuneprod("dashboard", tmp_path), "not a tuneprod experiment folder")
+
+
+def test_report_and_dashboard_need_what_a_search_leaves(tmp_path):
+    import socket
+
+    from tuneprod.spec import EXPERIMENT_SPEC
+
+    (tmp_path / EXPERIMENT_SPEC).write_text(f"data: {{train: {tmp_path}}}\n")  # a search that never got going
+    assert_user_error(tuneprod("report", tmp_path), "holds no trials.parquet yet", f"tuneprod resume {tmp_path}")
+    assert_user_error(tuneprod("dashboard", tmp_path), "holds no study.db")
+    (tmp_path / "study.db").touch()
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        assert_user_error(tuneprod("dashboard", tmp_path, "--port", port), f"--port {port}: cannot listen",
+                          f"--port {port + 1}")
 
 
 def test_demo_data_refuses_a_non_empty_folder_and_bad_sizes(tmp_path):

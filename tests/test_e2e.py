@@ -11,6 +11,7 @@ import pandas as pd
 import pytest
 import ray
 import yaml
+from optuna.trial import TrialState
 
 import tuneprod
 from tests.helpers import shrunk_space, write_image_folder
@@ -20,6 +21,7 @@ from tuneprod.spec import Hyperparams, TrialConfig, UserError, spec_from_dict
 from tuneprod.train.cache import decoded
 from tuneprod.train.data import index_images
 from tuneprod.tuning.member_tasks import train_members
+from tuneprod.tuning.results import RAY_TRIAL_ID, load_study
 
 pytestmark = pytest.mark.slow
 
@@ -103,7 +105,8 @@ def test_interrupted_search_resumes_from_checkpoints(tmp_path, ray_two_cpus):
                          # One trial at a time: when Ctrl-C comes, the running trial has checkpoints to resume
                          # from, and the others have not started.
                          search={"num_samples": 3, "max_concurrent_trials": 1,
-                                 "scheduler": {"type": "fifo", "max_epochs": 30}})
+                                 "scheduler": {"type": "fifo", "max_epochs": 30},
+                                 "start_from": [{"backbone": "test_resnet", "batch_size": 16}]})
     experiment = tmp_path / "runs" / "shrunk_demo"
     search = subprocess.Popen([sys.executable, "-m", "tuneprod.cli", "search", str(space), "--storage",
                                str(tmp_path / "runs")], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
@@ -123,6 +126,13 @@ def test_interrupted_search_resumes_from_checkpoints(tmp_path, ray_two_cpus):
     outcome = tuneprod.resume(experiment)
     table = pd.read_parquet(experiment / "trials.parquet")
     assert outcome.trials == 3 and (table["epochs_run"] == 30).all()
+    # The study holds the same three trials, each finished, and the start point once (a naive restore asks it
+    # again and leaves the interrupted trial RUNNING).
+    study = load_study(experiment)
+    assert sorted(t.user_attrs[RAY_TRIAL_ID] for t in study.trials) == sorted(table["trial_id"])
+    assert {t.state for t in study.trials} == {TrialState.COMPLETE}
+    assert sum(t.params["backbone"] == "test_resnet" and t.params["batch_size"] == 16 for t in study.trials) >= 1
+    assert len(study.trials) == 3 and all(len(t.intermediate_values) == 30 for t in study.trials)
     for progress in experiment.glob("trial_*/progress.csv"):
         epochs = pd.read_csv(progress)["epoch"].tolist()
         # Continued from its checkpoint, not restarted: epoch 1 ran once. (The epoch after the last checkpoint

@@ -1,5 +1,6 @@
 """The rule the layout rests on: the training core (tuneprod/train) and the after-search stage (tuneprod/final)
-run without Ray; tuneprod/tuning is the only wing that imports it."""
+run without Ray, and so do the report and dashboard, which read a search's results; tuneprod/tuning is the only
+wing that imports it."""
 import subprocess
 import sys
 from pathlib import Path
@@ -20,7 +21,8 @@ def imports_ray(names: list[str]) -> bool:
 
 
 def test_the_core_and_the_final_stage_do_not_import_ray():
-    names = modules("train") + modules("final") + ["tuneprod.spec", "tuneprod.demo", "tuneprod.api"]
+    names = modules("train") + modules("final") + ["tuneprod.spec", "tuneprod.demo", "tuneprod.api", "tuneprod.report",
+                                                    "tuneprod.dashboard", "tuneprod.tuning.results"]
     assert len(names) >= 13
     assert not imports_ray(names)
 

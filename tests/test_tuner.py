@@ -18,9 +18,15 @@ SPACE = {"optimizer": {"choice": ["sgd", "adamw"]}, "momentum": {"uniform": [0.8
          "lr": {"loguniform": [1e-4, 1e-1]}, "dropout": 0.1}
 
 
-def test_searcher_runs_start_points_first_then_samples_the_space():
+def searcher_of(spec, folder: Path):
+    """The searcher, keeping its study in `folder` (which a search creates before the searcher)."""
+    folder.mkdir()
+    return _searcher(spec.placed(folder), grace=1)
+
+
+def test_searcher_runs_start_points_first_then_samples_the_space(tmp_path):
     spec = spec_of(space=SPACE, search={"start_from": [{"optimizer": "adamw", "lr": 0.01}]})
-    searcher = _searcher(spec)
+    searcher = searcher_of(spec, tmp_path / "exp")
     first = searcher.suggest("t1")
     assert first == {"optimizer": "adamw", "lr": 0.01, "dropout": 0.1}
     for i in range(2, 12):
@@ -29,12 +35,13 @@ def test_searcher_runs_start_points_first_then_samples_the_space():
         assert ("momentum" in config) == (config["optimizer"] == "sgd")
 
 
-def test_random_searcher_is_seeded():
-    def draws(seed):
-        searcher = _searcher(spec_of(space=SPACE, search={"seed": seed, "searcher": {"type": "random"}}))
+def test_random_searcher_is_seeded(tmp_path):
+    def draws(seed, run):
+        searcher = searcher_of(spec_of(space=SPACE, search={"seed": seed, "searcher": {"type": "random"}}),
+                               tmp_path / run)
         return [searcher.suggest(f"t{i}")["lr"] for i in range(3)]
 
-    assert draws(1) == draws(1) != draws(2)
+    assert draws(1, "a") == draws(1, "b") != draws(2, "c")
 
 
 def test_scheduler_options_reach_both_ashas_and_fifo_has_no_early_stopping():

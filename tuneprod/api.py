@@ -23,10 +23,11 @@ def data_overrides(data: Optional[PathLike], test: Optional[PathLike]) -> dict:
 
 def search(space: PathLike, *, data: Optional[PathLike] = None, test: Optional[PathLike] = None,
            num_samples: Optional[int] = None, name: Optional[str] = None, storage: Optional[PathLike] = None,
-           address: Optional[str] = None, retrain: bool = True, progress: Callable[[str], None] = print):
+           address: Optional[str] = None, retrain: bool = True, verbose: bool = False,
+           progress: Callable[[str], None] = print):
     """Runs the search a space file describes, then (unless retrain=False) the final stage: the best
-    configurations trained on all labelled data, combined, and the test images predicted. Returns the
-    SearchOutcome."""
+    configurations trained on all labelled data, combined, and the test images predicted; then writes the report.
+    `verbose`: Ray's own output instead of tuneprod's one-line view. Returns the SearchOutcome."""
     from tuneprod.spec import load_spec
     from tuneprod.tuning.tuner import run_search
 
@@ -35,7 +36,7 @@ def search(space: PathLike, *, data: Optional[PathLike] = None, test: Optional[P
         if value is not None:
             overrides[key] = value
     spec = load_spec(space, overrides)
-    outcome = run_search(spec, address=address, progress=progress, final=retrain)
+    outcome = run_search(spec, address=address, progress=progress, final=retrain, verbose=verbose)
     return _finish(spec, outcome, retrain, address, progress)
 
 
@@ -43,21 +44,50 @@ def _finish(spec, outcome, retrain: bool, address: Optional[str], progress: Call
     from tuneprod.final.stage import retrain_and_predict
     from tuneprod.spec import UserError
 
-    if outcome.best_value is None:
-        raise UserError(f"every trial failed; see the error column of {outcome.experiment_dir / 'trials.csv'}")
-    if retrain and spec.final.enabled:
-        retrain_and_predict(outcome.experiment_dir, progress, images=outcome.images, address=address)
+    try:
+        if outcome.best_value is None:
+            raise UserError(f"every trial failed; see the error column of {outcome.experiment_dir / 'trials.csv'}")
+        if retrain and spec.final.enabled:
+            retrain_and_predict(outcome.experiment_dir, progress, images=outcome.images, address=address)
+    finally:  # a search whose trials all failed needs its report the most
+        _report(outcome.experiment_dir, progress)
     return outcome
 
 
-def resume(experiment: PathLike, *, address: Optional[str] = None, retrain: bool = True,
+def _report(experiment_dir: Path, progress: Callable[[str], None]) -> None:
+    from tuneprod.report import write_report
+
+    try:
+        progress(f"tuneprod: report in {write_report(experiment_dir)}")
+    except Exception as exc:  # the search's results stand without it; `tuneprod report` can try again
+        progress(f"tuneprod: warning: could not write the report ({type(exc).__name__}: {exc}); "
+                 f"try `tuneprod report {experiment_dir}`")
+
+
+def resume(experiment: PathLike, *, address: Optional[str] = None, retrain: bool = True, verbose: bool = False,
            progress: Callable[[str], None] = print):
     """Continues an interrupted search from its folder, then runs the final stage like `search`."""
     from tuneprod.final.stage import load_experiment
     from tuneprod.tuning.tuner import resume_search
 
     spec = load_experiment(Path(experiment))
-    return _finish(spec, resume_search(spec, address=address, progress=progress), retrain, address, progress)
+    outcome = resume_search(spec, address=address, progress=progress, verbose=verbose)
+    return _finish(spec, outcome, retrain, address, progress)
+
+
+def report(experiment: PathLike) -> Path:
+    """Writes <experiment>/report.html: trials, learning curves, importances, the final model's mistakes."""
+    from tuneprod.report import write_report
+
+    return write_report(Path(experiment))
+
+
+def dashboard(experiment: PathLike, host: str = "127.0.0.1", port: int = 8080,
+              progress: Callable[[str], None] = print) -> None:
+    """Serves optuna-dashboard on the experiment's study until interrupted."""
+    from tuneprod.dashboard import serve
+
+    serve(Path(experiment), host, port, progress)
 
 
 def retrain(experiment: PathLike, *, address: Optional[str] = None, progress: Callable[[str], None] = print) -> Path:

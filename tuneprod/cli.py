@@ -45,6 +45,8 @@ def _parser() -> argparse.ArgumentParser:
     search.add_argument("--storage", type=Path, help="where experiments go (default: ./tuneprod_runs)")
     search.add_argument("--address", help="Ray cluster to join, e.g. auto (default: start Ray on this machine)")
     search.add_argument("--no-retrain", action="store_true", help="stop after the search (no final stage)")
+    search.add_argument("--verbose", action="store_true", help="Ray's own progress tables, warnings and trial output "
+                                                               "instead of tuneprod's one-line view")
 
     resume = commands.add_parser("resume", help="continue an interrupted search",
                                  description="Continues a search that was interrupted (Ctrl-C, a lost driver): "
@@ -53,6 +55,23 @@ def _parser() -> argparse.ArgumentParser:
     resume.add_argument("experiment", type=Path, help="experiment folder, e.g. tuneprod_runs/demo")
     resume.add_argument("--address", help="Ray cluster to join (default: start Ray on this machine)")
     resume.add_argument("--no-retrain", action="store_true", help="stop after the search")
+    resume.add_argument("--verbose", action="store_true", help="Ray's own output (as for search)")
+
+    report = commands.add_parser("report", help="write an experiment's report.html",
+                                 description="Writes <experiment>/report.html, one page that opens offline: the "
+                                             "trials, their learning curves with the scheduler's rungs and stops, "
+                                             "parameter importances, parallel coordinates, the final model and its "
+                                             "misclassified test images. A search writes it when it ends.")
+    report.add_argument("experiment", type=Path, help="experiment folder, e.g. tuneprod_runs/demo")
+
+    dashboard = commands.add_parser("dashboard", help="watch a search live in optuna-dashboard",
+                                    description="Serves optuna-dashboard on the experiment's study.db, while the "
+                                                "search runs or after: history, each trial's learning curve, "
+                                                "parallel coordinates, importances.")
+    dashboard.add_argument("experiment", type=Path, help="experiment folder, e.g. tuneprod_runs/demo")
+    dashboard.add_argument("--host", default="127.0.0.1", help="address to listen on (default: %(default)s, this "
+                                                              "machine only; reach a cluster's with ssh -L)")
+    dashboard.add_argument("--port", type=_positive_int, default=8080, help="default: %(default)s")
 
     retrain = commands.add_parser("retrain", help="run an experiment's final stage again",
                                   description="Trains the final stage's members (the best distinct configurations, "
@@ -89,11 +108,16 @@ def _run(args: argparse.Namespace) -> None:
     if args.command == "search":
         outcome = api.search(args.space, data=args.data, test=args.test, num_samples=args.num_samples,
                              name=args.name, storage=args.storage, address=args.address,
-                             retrain=not args.no_retrain)
+                             retrain=not args.no_retrain, verbose=args.verbose)
         _print_done(outcome.experiment_dir)
     elif args.command == "resume":
-        outcome = api.resume(args.experiment, address=args.address, retrain=not args.no_retrain)
+        outcome = api.resume(args.experiment, address=args.address, retrain=not args.no_retrain,
+                             verbose=args.verbose)
         _print_done(outcome.experiment_dir)
+    elif args.command == "report":
+        print(f"report: written to {api.report(args.experiment)}")
+    elif args.command == "dashboard":
+        api.dashboard(args.experiment, host=args.host, port=args.port)
     elif args.command == "retrain":
         api.retrain(args.experiment, address=args.address)
     elif args.command == "predict":
@@ -109,10 +133,10 @@ def _run(args: argparse.Namespace) -> None:
 
 
 def _print_done(experiment_dir: Path) -> None:
-    written = [name for name in ("trials.csv", "best_config.yaml", "final/", "predictions.csv")
+    written = [name for name in ("trials.csv", "best_config.yaml", "final/", "predictions.csv", "report.html")
                if (experiment_dir / name.rstrip("/")).exists()]
     print(f"tuneprod: done; results in {experiment_dir} ({', '.join(written)}). "
-          f"TensorBoard: tensorboard --logdir {experiment_dir}")
+          f"Look back with `tuneprod dashboard {experiment_dir}` or `tensorboard --logdir {experiment_dir}`")
 
 
 def main(argv: Optional[list[str]] = None) -> int:

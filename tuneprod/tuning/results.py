@@ -1,6 +1,7 @@
 """The results table (one row per trial) and the best configuration, from what the trials reported."""
 from __future__ import annotations
 
+import json
 import math
 import os
 import re
@@ -8,6 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
+import optuna
 import pandas as pd
 import yaml
 
@@ -17,6 +19,10 @@ from tuneprod.spec import PARAMS
 TRIALS_PARQUET = "trials.parquet"
 TRIALS_CSV = "trials.csv"
 BEST_CONFIG = "best_config.yaml"
+ENDINGS = "trial_endings.json"  # trial id -> how it ended, written by the console view as trials end
+STUDY_DB = "study.db"  # the search's Optuna study (tuning/study.py writes it; the dashboard and report read it)
+RAY_TRIAL_ID = "ray_trial_id"  # the user attribute that ties an Optuna trial to its row of trials.parquet
+LOST = "lost"  # user attribute of a trial the driver asked for but Ray never recorded (a driver killed hard)
 
 
 @dataclass
@@ -54,18 +60,37 @@ def _first_line(error: BaseException) -> str:
     return lines[-1] if lines else type(cause).__name__
 
 
+def ending(epochs: int, max_epochs: int, failed: bool, budget_spent: bool) -> str:
+    """Why a trial ended, in the words of the table's `ended` column."""
+    if failed:
+        return f"failed in epoch {epochs + 1}"
+    if epochs >= max_epochs:
+        return f"ran all {max_epochs} epochs"
+    if budget_spent:
+        return f"cut by the time budget after epoch {epochs}" if epochs else \
+            "cut by the time budget before its first report"
+    return f"stopped by the scheduler after epoch {epochs}"
+
+
+def read_endings(experiment_dir: Path) -> dict[str, str]:
+    path = Path(experiment_dir) / ENDINGS
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
 def trials_table(records: list[TrialRecord], param_names: list[str], metric: str, mode: str,
-                 max_epochs: int) -> pd.DataFrame:
-    """One row per trial, best first: parameters, best metrics and the epoch they peaked, and how it ended."""
-    rows = [_row(record, param_names, metric, mode, max_epochs) for record in records]
+                 max_epochs: int, endings: Optional[dict[str, str]] = None) -> pd.DataFrame:
+    """One row per trial, best first: parameters, best metrics and the epoch they peaked, and how it ended
+    (`endings`, as the search recorded them; else worked out from the epochs run)."""
+    rows = [_row(record, param_names, metric, mode, max_epochs, endings or {}) for record in records]
     columns = (["trial_id", "status"] + param_names +
-               ["val_acc", "val_loss", "best_epoch", "epochs_run", "stopped_early", "wall_time_s", "images_per_s",
-                "error"])
+               ["val_acc", "val_loss", "best_epoch", "epochs_run", "stopped_early", "ended", "wall_time_s",
+                "images_per_s", "error"])
     table = pd.DataFrame(rows, columns=columns)
     return table.sort_values(metric, ascending=mode == "min", na_position="last", kind="stable").reset_index(drop=True)
 
 
-def _row(record: TrialRecord, param_names: list[str], metric: str, mode: str, max_epochs: int) -> dict:
+def _row(record: TrialRecord, param_names: list[str], metric: str, mode: str, max_epochs: int,
+         endings: dict[str, str]) -> dict:
     epochs = [h for h in record.history if _finite(h.get(metric))]
     best = (max if mode == "max" else min)(epochs, key=lambda h: h[metric]) if epochs else {}
     last = record.history[-1] if record.history else {}
@@ -81,6 +106,7 @@ def _row(record: TrialRecord, param_names: list[str], metric: str, mode: str, ma
         "epochs_run": epochs_run,
         # ASHA's stop is the only way a healthy trial ends before max_epochs (or the search's time budget).
         "stopped_early": record.error is None and epochs_run < max_epochs,
+        "ended": endings.get(record.trial_id) or ending(epochs_run, max_epochs, record.error is not None, False),
         "wall_time_s": last.get("time_total_s"),
         "images_per_s": sum(speeds) / len(speeds) if speeds else None,
         "error": record.error,
@@ -147,3 +173,18 @@ def write_results(experiment_dir: Path, table: pd.DataFrame, param_names: list[s
 
 def read_table(experiment_dir: Path) -> pd.DataFrame:
     return pd.read_parquet(experiment_dir / TRIALS_PARQUET)
+
+
+def study_storage(experiment_dir: Path) -> optuna.storages.RDBStorage:
+    # A dashboard may read while the search writes: wait for SQLite's lock rather than fail.
+    return optuna.storages.RDBStorage(f"sqlite:///{Path(experiment_dir).absolute() / STUDY_DB}",
+                                      engine_kwargs={"connect_args": {"timeout": 60}})
+
+
+def load_study(experiment_dir: Path) -> Optional[optuna.Study]:
+    """The experiment's study, or None for an experiment from before studies were kept."""
+    if not (Path(experiment_dir) / STUDY_DB).is_file():
+        return None
+    storage = study_storage(experiment_dir)
+    names = optuna.get_all_study_names(storage)
+    return optuna.load_study(study_name=names[0], storage=storage) if names else None

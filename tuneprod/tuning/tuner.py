@@ -15,7 +15,6 @@ from typing import Callable, Optional
 import ray
 from ray import tune
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
-from ray.tune.search.optuna import OptunaSearch
 
 from tuneprod.final.ensemble import view_count
 from tuneprod.spec import EXPERIMENT_SPEC, Hyperparams, SearchInterrupted, Spec, TrialConfig, UserError
@@ -25,9 +24,11 @@ from tuneprod.train.loop import measure_speed
 from tuneprod.train.models import WeightsError, ensure_pretrained_weights
 from tuneprod.tuning import results
 from tuneprod.tuning.budget import BudgetStopper, Speed, Workload, final_estimate, minimum_seconds, trial_seconds
+from tuneprod.tuning.console import SearchView
 from tuneprod.tuning.packing import PROBE_RECORD, PackingTable, measure_gpu
-from tuneprod.tuning.scheduler import PromotingASHA, RunningTrialsLimiter, auto_grace_period
+from tuneprod.tuning.scheduler import PromotingASHA, RunningTrialsLimiter, auto_grace_period, milestones
 from tuneprod.tuning.space import DefineByRun, sampler
+from tuneprod.tuning.study import StudySearch
 from tuneprod.tuning.trainable import TrialData, train_trial
 
 PROBE_TIMEOUT_S = 900  # a GPU busy with other work, or a cluster that never gets one: give up, use whole GPUs
@@ -53,11 +54,12 @@ def free_experiment_dir(spec: Spec) -> Spec:
 
 
 def run_search(spec: Spec, address: Optional[str] = None, progress: Callable[[str], None] = print,
-               final: bool = True) -> SearchOutcome:
-    """`final`: whether the final stage follows, so that search.time_budget_s keeps time for it."""
+               final: bool = True, verbose: bool = False) -> SearchOutcome:
+    """`final`: whether the final stage follows, so that search.time_budget_s keeps time for it. `verbose`: Ray's
+    own progress tables and its workers' output instead of tuneprod's one view."""
     images, data = _trial_data(spec, progress)
     grace = grace_period(spec, data)
-    start_ray(address, progress)
+    start_ray(address, progress, verbose)
     trainable = _trainable(spec, data, address, progress)
     stopper = _budget(spec, data, images, grace, final and spec.final.enabled, progress)
     # Only now, with every check passed, does the experiment folder appear.
@@ -66,7 +68,7 @@ def run_search(spec: Spec, address: Optional[str] = None, progress: Callable[[st
     spec.save(spec.experiment_dir / EXPERIMENT_SPEC)
     progress(f"tuneprod: results go to {spec.experiment_dir}")
     scheduler = _scheduler(spec, grace, progress)
-    searcher, max_concurrent = _searcher(spec), spec.search.max_concurrent_trials
+    searcher, max_concurrent = _searcher(spec, grace), spec.search.max_concurrent_trials
     if isinstance(scheduler, PromotingASHA) and max_concurrent:  # trials waiting at a rung must not count
         searcher, max_concurrent = RunningTrialsLimiter(searcher, max_concurrent, scheduler.rungs), None
     tuner = tune.Tuner(
@@ -81,9 +83,17 @@ def run_search(spec: Spec, address: Optional[str] = None, progress: Callable[[st
         run_config=tune.RunConfig(
             name=spec.name, storage_path=str(spec.storage), stop=stopper,
             checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
-            failure_config=tune.FailureConfig(max_failures=0), verbose=1),
+            failure_config=tune.FailureConfig(max_failures=0),
+            callbacks=[] if verbose else [_view(spec, stopper)], verbose=1 if verbose else 0),
     )
-    return _fit(spec, tuner, images, progress)
+    progress(f"tuneprod: watch it with `tuneprod dashboard {spec.experiment_dir}` or "
+             f"`tensorboard --logdir {spec.experiment_dir}`")
+    return _fit(spec, tuner, images, progress, verbose)
+
+
+def _view(spec: Spec, stopper: Optional[BudgetStopper]) -> SearchView:
+    return SearchView(spec.search.num_samples, spec.search.metric, spec.search.direction,
+                      spec.search.scheduler.max_epochs, stopper)
 
 
 def grace_period(spec: Spec, data: TrialData) -> int:
@@ -168,19 +178,19 @@ def _probe_params(spec: Spec) -> Hyperparams:
     return Hyperparams.from_params(params)
 
 
-def resume_search(spec: Spec, address: Optional[str] = None,
-                  progress: Callable[[str], None] = print) -> SearchOutcome:
+def resume_search(spec: Spec, address: Optional[str] = None, progress: Callable[[str], None] = print,
+                  verbose: bool = False) -> SearchOutcome:
     """Continues an interrupted search (the spec saved in its folder): unfinished trials restart from their last
     checkpoint, the searcher from its saved state; finished and failed trials stay as they were."""
     experiment_dir = spec.experiment_dir
     if not tune.Tuner.can_restore(str(experiment_dir)):
         raise UserError(f"{experiment_dir}: holds no saved search state to resume; start a new search instead")
     images, data = _trial_data(spec, progress)
-    start_ray(address, progress)
+    start_ray(address, progress, verbose)
     tuner = tune.Tuner.restore(str(experiment_dir), trainable=_trainable(spec, data, address, progress),
                                resume_unfinished=True, resume_errored=False, restart_errored=False)
     progress(f"tuneprod: resuming the search in {experiment_dir}")
-    return _fit(spec, tuner, images, progress)
+    return _fit(spec, tuner, images, progress, verbose)
 
 
 def _trial_data(spec: Spec, progress: Callable[[str], None]) -> tuple[DecodedImages, TrialData]:
@@ -257,10 +267,15 @@ def _packed(spec: Spec, data: TrialData, cluster: dict, progress: Callable[[str]
     return packed
 
 
-def _fit(spec: Spec, tuner: tune.Tuner, images: DecodedImages, progress: Callable[[str], None]) -> SearchOutcome:
+def _fit(spec: Spec, tuner: tune.Tuner, images: DecodedImages, progress: Callable[[str], None],
+         verbose: bool) -> SearchOutcome:
     # Each epoch checkpoints and so snapshots the experiment state; with short demo epochs Ray would warn about
     # that on every epoch, though a local snapshot costs milliseconds.
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
+    if not verbose:
+        # Ray's new output engine prints its start box and a TensorBoard hint into /tmp/ray whatever `verbose` is;
+        # the old one, at verbose=0, prints nothing.
+        os.environ["RAY_AIR_NEW_OUTPUT"] = "0"
     with _noticing_interrupts() as interrupted:
         grid = tuner.fit()
         if interrupted():  # half-run trials must not be tabled as stopped by ASHA, nor one of them retrained
@@ -292,7 +307,7 @@ def summarise(spec: Spec, grid, images: DecodedImages, progress: Callable[[str],
     names = spec.space.names()
     metric, mode = spec.search.metric, spec.search.direction
     table = results.trials_table(results.records_from_grid(grid, names), names, metric, mode,
-                                 spec.search.scheduler.max_epochs)
+                                 spec.search.scheduler.max_epochs, results.read_endings(spec.experiment_dir))
     results.write_results(spec.experiment_dir, table, names, metric)
     failed = int((table["status"] == "ERROR").sum())
     stopped = int(table["stopped_early"].sum())
@@ -312,11 +327,17 @@ def _cpus_per_gpu() -> float:
     return min((r.get("CPU", 0) / r["GPU"] for r in gpu_nodes), default=1.0)
 
 
-def start_ray(address: Optional[str], progress: Callable[[str], None]) -> None:
+def start_ray(address: Optional[str], progress: Callable[[str], None], verbose: bool = False) -> None:
+    """Quiet unless `verbose`: Ray's own warnings (token authentication, metrics of a trial cut before its first
+    report) and the trials' output relayed by its workers name nothing a user can act on; tuneprod says what
+    matters in its own lines, and each trial's output stays in Ray's logs."""
     if ray.is_initialized():
         return
+    if not verbose:
+        logging.getLogger("ray").setLevel(logging.ERROR)
     try:
-        context = ray.init(address=address, logging_level=logging.WARNING)
+        context = ray.init(address=address, logging_level=logging.INFO if verbose else logging.ERROR,
+                           log_to_driver=verbose)
     except ConnectionError as exc:
         raise UserError(f"--address {address}: no Ray cluster answers there ({exc}); start one (`ray start --head`, "
                         f"`ray up cluster.yaml`) or leave --address out to run on this machine") from None
@@ -341,12 +362,16 @@ def check_resources_fit(spec: Spec, resources: dict, cluster: dict) -> None:
                             f"{available:g}, the {key.upper()}s Ray sees on this machine")
 
 
-def _searcher(spec: Spec) -> OptunaSearch:
-    options = spec.search.searcher
-    return OptunaSearch(space=DefineByRun(spec.space), metric=spec.search.metric, mode=spec.search.direction,
-                        sampler=sampler(options.type, spec.search.seed, options.n_startup_trials,
-                                        options.multivariate),
-                        points_to_evaluate=[dict(point) for point in spec.search.start_from] or None)
+def _searcher(spec: Spec, grace: int) -> StudySearch:
+    options, scheduler = spec.search.searcher, spec.search.scheduler
+    rungs = [] if scheduler.type == "fifo" else milestones(grace, scheduler.reduction_factor, scheduler.max_epochs)
+    notes = {"metric": spec.search.metric, "direction": spec.search.direction, "max_epochs": scheduler.max_epochs,
+             "rungs": list(rungs), "scheduler": scheduler.type, "time_budget_s": spec.search.time_budget_s}
+    return StudySearch(spec.experiment_dir, spec.experiment_dir.name, scheduler.max_epochs, notes,
+                       space=DefineByRun(spec.space), metric=spec.search.metric, mode=spec.search.direction,
+                       sampler=sampler(options.type, spec.search.seed, options.n_startup_trials,
+                                       options.multivariate),
+                       points_to_evaluate=[dict(point) for point in spec.search.start_from] or None)
 
 
 def _scheduler(spec: Spec, grace: int, progress: Callable[[str], None]):

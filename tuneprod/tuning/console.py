@@ -1,0 +1,134 @@
+"""One compact view of a running search, in place of Ray's per-trial tables: trials finished / running / waiting /
+stopped / failed, the best result so far, time used (of the budget) and an estimate of the time left. On a terminal
+it is one line rewritten in place; elsewhere (CI, a log file) a plain line when something changed, at most every
+PLAIN_EVERY_S seconds, and at least every PLAIN_QUIET_S. It also records how each trial ended, for the table."""
+from __future__ import annotations
+
+import json
+import math
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional, TextIO
+
+from ray import tune
+
+from tuneprod.files import atomic_write
+from tuneprod.tuning.budget import BudgetStopper
+from tuneprod.tuning.results import ENDINGS, ending
+
+TTY_EVERY_S = 1.0
+PLAIN_EVERY_S = 15.0
+PLAIN_QUIET_S = 300.0
+
+
+@dataclass
+class Best:
+    value: float
+    trial_id: str
+    epoch: int
+
+
+def clock(seconds: float) -> str:
+    seconds = int(max(seconds, 0))
+    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}" if seconds >= 3600 else \
+        f"{seconds // 60}:{seconds % 60:02d}"
+
+
+class SearchView(tune.Callback):
+    def __init__(self, num_samples: int, metric: str, mode: str, max_epochs: int,
+                 budget: Optional[BudgetStopper] = None, out: Optional[TextIO] = None):
+        self.num_samples, self.metric, self.sign = num_samples, metric, (1.0 if mode == "max" else -1.0)
+        self.max_epochs, self.budget = max_epochs, budget
+        self._out = out
+        self.best: Optional[Best] = None
+        self.endings: dict[str, str] = {}
+        self._restart_clock()
+
+    def _restart_clock(self) -> None:
+        self.started = time.monotonic()
+        self.last_shown = -math.inf
+        self.changed = True
+
+    # The Tuner pickles its callbacks into the experiment folder; a resumed search gets a fresh clock and stdout.
+    def __getstate__(self) -> dict:
+        return {key: value for key, value in self.__dict__.items() if key != "_out"}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state, _out=None)
+        self._restart_clock()
+
+    @property
+    def out(self) -> TextIO:
+        return self._out or sys.stdout
+
+    def on_trial_result(self, iteration, trials, trial, result, **info) -> None:
+        value = result.get(self.metric)
+        if isinstance(value, (int, float)) and math.isfinite(value) and \
+                (self.best is None or self.sign * value > self.sign * self.best.value):
+            self.best = Best(float(value), trial.trial_id, int(result.get("epoch", 0)))
+            self.changed = True
+
+    def on_trial_complete(self, iteration, trials, trial, **info) -> None:
+        self._ended(trial, failed=False)
+
+    def on_trial_error(self, iteration, trials, trial, **info) -> None:
+        self._ended(trial, failed=True)
+
+    def _ended(self, trial, failed: bool) -> None:
+        epochs = int((trial.last_result or {}).get("epoch", 0))
+        self.endings[trial.trial_id] = ending(epochs, self.max_epochs, failed,
+                                              self.budget is not None and self.budget.stopped)
+        self.changed = True
+        folder = Path(trial.storage.experiment_fs_path)
+        if folder.is_dir():  # the endings go beside trials.parquet, which reads them
+            atomic_write(folder / ENDINGS, lambda path: path.write_text(json.dumps(self.endings, indent=1)))
+
+    def on_step_end(self, iteration, trials, **info) -> None:
+        now = time.monotonic()
+        if self.out.isatty():
+            if now - self.last_shown >= TTY_EVERY_S:
+                self.out.write("\r" + self.line(trials) + "\x1b[K")
+                self.out.flush()
+                self.last_shown = now
+        elif (self.changed and now - self.last_shown >= PLAIN_EVERY_S) or now - self.last_shown >= PLAIN_QUIET_S:
+            print(self.line(trials), file=self.out, flush=True)
+            self.last_shown, self.changed = now, False
+
+    def on_experiment_end(self, trials, **info) -> None:
+        print(("\r" if self.out.isatty() else "") + self.line(trials) + ("\x1b[K" if self.out.isatty() else ""),
+              file=self.out, flush=True)
+
+    def line(self, trials) -> str:
+        statuses = [trial.status for trial in trials]
+        ended = [self.endings.get(trial.trial_id, "") for trial in trials if trial.status in ("TERMINATED", "ERROR")]
+        counts = {"finished": sum(e.startswith("ran all") for e in ended),
+                  "stopped": sum(e.startswith(("stopped", "cut")) for e in ended),
+                  "failed": statuses.count("ERROR"), "running": statuses.count("RUNNING"),
+                  "waiting": statuses.count("PAUSED"), "pending": statuses.count("PENDING")}
+        shown = ", ".join(f"{n} {what}" for what, n in counts.items() if n)
+        best = (f"best {self.metric} {self.best.value:.4f} (trial {self.best.trial_id}, epoch {self.best.epoch})"
+                if self.best else f"no {self.metric} yet")
+        elapsed = time.monotonic() - self.started
+        budget = f" of {clock(self.budget.budget_s)} budget" if self.budget else ""
+        left = self.time_left(trials, elapsed)
+        left_text = f", ~{clock(left)} left" if left is not None else ""
+        return (f"search {clock(elapsed)}{budget}{left_text} | {len(ended)}/{self.num_samples} trials done"
+                f"{': ' + shown if shown else ''} | {best}")
+
+    def time_left(self, trials, elapsed: float) -> Optional[float]:
+        """Epochs still to run (unstarted trials as many as the ended ones averaged) over the epochs per second so
+        far; never past the budget. None until a trial has ended."""
+        done = [trial for trial in trials if trial.status in ("TERMINATED", "ERROR")]
+        epochs = [int((trial.last_result or {}).get("epoch", 0)) for trial in trials]
+        if not done or not sum(epochs) or elapsed <= 0:
+            return None
+        per_trial = sum(int((t.last_result or {}).get("epoch", 0)) for t in done) / len(done)
+        live = [t for t in trials if t.status not in ("TERMINATED", "ERROR")]
+        todo = max(0.0, (self.num_samples - len(done)) * per_trial - sum(int((t.last_result or {}).get("epoch", 0))
+                                                                          for t in live))
+        left = todo / (sum(epochs) / elapsed)
+        if self.budget is not None:
+            left = min(left, max(self.budget.budget_s - self.budget.used_s(), 0.0))
+        return left
