@@ -89,5 +89,5 @@ def test_a_terminal_gets_one_line_rewritten_in_place(clock):
         view.on_step_end(0, trials)
     view.on_experiment_end(trials)
     text = out.getvalue()
-    assert "\n" not in text.rstrip("\n") and text.count("\r") == 4
+    assert "\n" not in text.rstrip("\n") and text.count("\r") == 7  # to the start before and after each line
     assert "search 0:04 of 10:00 budget | 0/2 trials done: 1 running | best val_loss 0.5000 (trial t1" in text

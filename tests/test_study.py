@@ -1,13 +1,14 @@
 """The study a search keeps in its folder, driven by hand the way Ray's controller drives a searcher: states as the
 dashboard shows them, the rung value a stopped trial ended on, and a resume that neither asks a start point twice
 nor leaves a trial RUNNING."""
+import pickle
 import shutil
 
 import pytest
 from optuna.trial import TrialState
 
 from tuneprod.tuning.results import LOST, RAY_TRIAL_ID, load_study
-from tuneprod.tuning.study import StudySearch
+from tuneprod.tuning.study import StudySearch, resumed_at
 
 START = {"lr": 0.01, "batch_size": 16}
 
@@ -58,12 +59,14 @@ def test_a_resumed_search_reopens_the_moved_folder_and_ends_lost_trials(tmp_path
     search = searcher(tmp_path / "old")
     search.suggest("a")
     report(search, "a", 1, 0.2)
-    search.save_to_dir(str(tmp_path / "old"), "s1")
+    (tmp_path / "old_staging_copy").mkdir()  # Ray restores the searcher from a staging copy of the folder
+    search.save_to_dir(str(tmp_path / "old_staging_copy"), "s1")
     search.suggest("lost")  # asked for after the last save: the driver died before Ray recorded it
     shutil.move(tmp_path / "old", tmp_path / "new")
 
-    restored = searcher(tmp_path / "elsewhere", start=())  # as Tuner.restore builds it, then restores its state
-    restored.restore_from_dir(str(tmp_path / "new"))
+    with resumed_at(tmp_path / "new"):  # as Tuner.restore unpickles it; then Ray restores its saved state
+        restored = pickle.loads(pickle.dumps(search))
+    restored.restore_from_dir(str(tmp_path / "old_staging_copy"))
     report(restored, "a", 2, 0.4)
     restored.suggest("b")
     restored.on_trial_complete("a", {"val_acc": 0.4, "epoch": 4, "training_iteration": 4})

@@ -9,6 +9,7 @@ import html
 import io
 import json
 import math
+import warnings
 from pathlib import Path
 from typing import Optional
 
@@ -54,7 +55,9 @@ def write_report(experiment_dir: Path) -> Path:
     verbosity = optuna.logging.get_verbosity()
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # not a line per in-memory study the plots are drawn from
     try:
-        page = _page(spec, experiment_dir, table, study)
+        with warnings.catch_warnings():  # Optuna's notes on small samples: the report says what it drew from
+            warnings.simplefilter("ignore")
+            page = _page(spec, experiment_dir, table, study)
     finally:
         optuna.logging.set_verbosity(verbosity)
     path = experiment_dir / REPORT
@@ -163,7 +166,8 @@ def _importance_plots(study: optuna.Study, rungs: list[int], metric: str) -> lis
     view, what = comparable_study(study, rungs)
     note = f"From {len(view.trials)} trials, {what}."
     try:
-        importances = optuna.visualization.plot_param_importances(view)
+        importances = optuna.visualization.plot_param_importances(
+            view, evaluator=optuna.importance.FanovaImportanceEvaluator(seed=0))
         importances.update_layout(title=None, height=max(240, 40 * len(view.best_trial.params)))
         importance_html = _figure(importances, "importances")
     except (ValueError, RuntimeError) as exc:  # too few trials, or no parameter varied

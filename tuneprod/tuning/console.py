@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 import sys
 import time
 from dataclasses import dataclass
@@ -89,7 +90,10 @@ class SearchView(tune.Callback):
         now = time.monotonic()
         if self.out.isatty():
             if now - self.last_shown >= TTY_EVERY_S:
-                self.out.write("\r" + self.line(trials) + "\x1b[K")
+                # Cut to the terminal's width (a wrapped line cannot be rewritten in place), and leave the cursor
+                # at its start, so that a line printed meanwhile (the budget's notice) writes over it.
+                width = shutil.get_terminal_size().columns - 1
+                self.out.write("\r" + self.line(trials)[:width] + "\x1b[K\r")
                 self.out.flush()
                 self.last_shown = now
         elif (self.changed and now - self.last_shown >= PLAIN_EVERY_S) or now - self.last_shown >= PLAIN_QUIET_S:
@@ -97,8 +101,7 @@ class SearchView(tune.Callback):
             self.last_shown, self.changed = now, False
 
     def on_experiment_end(self, trials, **info) -> None:
-        print(("\r" if self.out.isatty() else "") + self.line(trials) + ("\x1b[K" if self.out.isatty() else ""),
-              file=self.out, flush=True)
+        print(("\r\x1b[K" if self.out.isatty() else "") + self.line(trials), file=self.out, flush=True)
 
     def line(self, trials) -> str:
         statuses = [trial.status for trial in trials]

@@ -3,6 +3,7 @@ the report after. Every epoch's metric is an intermediate value; a trial the sch
 before max_epochs is PRUNED, as Optuna's own pruners record it; a failed trial is FAIL."""
 from __future__ import annotations
 
+import contextlib
 import pickle
 from pathlib import Path
 from typing import Optional
@@ -13,6 +14,20 @@ from ray.tune.result import TRAINING_ITERATION
 from ray.tune.search.optuna import OptunaSearch
 
 from tuneprod.tuning.results import LOST, RAY_TRIAL_ID, STUDY_DB, study_storage
+
+_resumed_at: Optional[Path] = None
+
+
+@contextlib.contextmanager
+def resumed_at(experiment_dir: Path):
+    """Around Tuner.restore, which unpickles the searcher: the folder the experiment is in now, which may not be
+    where it was searched (Ray restores the searcher's state from a staging copy, which does not say)."""
+    global _resumed_at
+    _resumed_at = Path(experiment_dir)
+    try:
+        yield
+    finally:
+        _resumed_at = None
 
 
 class StudySearch(OptunaSearch):
@@ -58,7 +73,8 @@ class StudySearch(OptunaSearch):
 
     def __setstate__(self, state: dict) -> None:
         self.__dict__.update(state)
-        if (self._experiment_dir / STUDY_DB).is_file():  # else a moved folder, which `restore` finds
+        self._experiment_dir = _resumed_at or self._experiment_dir
+        if (self._experiment_dir / STUDY_DB).is_file():  # opening a missing one would make an empty one
             self._reopen(self._experiment_dir)
 
     def save(self, checkpoint_path: str) -> None:
@@ -66,12 +82,13 @@ class StudySearch(OptunaSearch):
             pickle.dump(self.__getstate__(), file)
 
     def restore(self, checkpoint_path: str) -> None:
-        """The searcher's state is saved beside the experiment state, in the experiment folder: the study is
-        reopened there, wherever the folder has moved. Trials asked for after that save were lost with the driver
-        that asked: Ray will not run them, so they end as FAIL rather than stay RUNNING."""
+        """The state saved with the experiment's last snapshot, on the study in the folder this searcher was
+        unpickled for. Trials asked for after that snapshot were lost with the driver that asked: Ray will not run
+        them, so they end as FAIL rather than stay RUNNING."""
+        here = self._experiment_dir
         with open(checkpoint_path, "rb") as file:
             self.__dict__.update(pickle.load(file))
-        self._reopen(Path(checkpoint_path).parent)
+        self._reopen(here)
         known = {trial._trial_id for trial in self._ot_trials.values()}
         for trial in self._ot_study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
             if trial._trial_id not in known:

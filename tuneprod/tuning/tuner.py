@@ -28,7 +28,7 @@ from tuneprod.tuning.console import SearchView
 from tuneprod.tuning.packing import PROBE_RECORD, PackingTable, measure_gpu
 from tuneprod.tuning.scheduler import PromotingASHA, RunningTrialsLimiter, auto_grace_period, milestones
 from tuneprod.tuning.space import DefineByRun, sampler
-from tuneprod.tuning.study import StudySearch
+from tuneprod.tuning.study import StudySearch, resumed_at
 from tuneprod.tuning.trainable import TrialData, train_trial
 
 PROBE_TIMEOUT_S = 900  # a GPU busy with other work, or a cluster that never gets one: give up, use whole GPUs
@@ -187,8 +187,9 @@ def resume_search(spec: Spec, address: Optional[str] = None, progress: Callable[
         raise UserError(f"{experiment_dir}: holds no saved search state to resume; start a new search instead")
     images, data = _trial_data(spec, progress)
     start_ray(address, progress, verbose)
-    tuner = tune.Tuner.restore(str(experiment_dir), trainable=_trainable(spec, data, address, progress),
-                               resume_unfinished=True, resume_errored=False, restart_errored=False)
+    with resumed_at(experiment_dir):
+        tuner = tune.Tuner.restore(str(experiment_dir), trainable=_trainable(spec, data, address, progress),
+                                   resume_unfinished=True, resume_errored=False, restart_errored=False)
     progress(f"tuneprod: resuming the search in {experiment_dir}")
     return _fit(spec, tuner, images, progress, verbose)
 
