@@ -254,6 +254,7 @@ def _mistakes(spec: Spec, experiment_dir: Path) -> list[str]:
     names = [f"{true} → {predicted}" for true, predicted in pairs.index]
     bars = go.Figure(go.Bar(x=pairs.values[::-1], y=names[::-1], orientation="h", marker_color="#c0392b"))
     bars.update_layout(xaxis_title="test images", height=max(260, 28 * len(pairs)))
+    bars.update_xaxes(dtick=max(1, math.ceil(pairs.max() / 10)))  # counts: whole ticks
     grid = "".join(_thumbnail(test / row.file, row.label_true, row.label, row.confidence)
                    for row in wrong.sort_values("confidence", ascending=False).head(MISCLASSIFIED_SHOWN)
                    .itertuples())

@@ -38,6 +38,7 @@ class StudySearch(OptunaSearch):
         self._experiment_dir = Path(experiment_dir)
         self._max_epochs = max_epochs
         super().__init__(storage=study_storage(experiment_dir), study_name=study_name, **options)
+        self._ot_study.set_metric_names([self._metric])  # the dashboard's axis says val_acc, not "Objective 0"
         for key, value in notes.items():  # what the report needs to draw the search: rungs, metric, budget
             self._ot_study.set_user_attr(key, value)
 
