@@ -91,3 +91,15 @@ def test_a_terminal_gets_one_line_rewritten_in_place(clock):
     text = out.getvalue()
     assert "\n" not in text.rstrip("\n") and text.count("\r") == 7  # to the start before and after each line
     assert "search 0:04 of 10:00 budget | 0/2 trials done: 1 running | best val_loss 0.5000 (trial t1" in text
+
+
+def test_with_verbose_it_only_records_the_endings(tmp_path, clock):
+    out = Pipe(tty=False)
+    budget = SimpleNamespace(budget_s=60, stopped=True, used_s=lambda: 60)
+    view = SearchView(num_samples=1, metric="val_acc", mode="max", max_epochs=4, budget=budget, out=out, show=False)
+    trials = [trial("t1", "TERMINATED", 2, tmp_path)]
+    view.on_trial_complete(0, trials, trials[0])
+    view.on_step_end(0, trials)
+    view.on_experiment_end(trials)
+    assert out.getvalue() == ""
+    assert json.loads((tmp_path / ENDINGS).read_text()) == {"t1": "cut by the time budget after epoch 2"}

@@ -39,9 +39,10 @@ def clock(seconds: float) -> str:
 
 class SearchView(tune.Callback):
     def __init__(self, num_samples: int, metric: str, mode: str, max_epochs: int,
-                 budget: Optional[BudgetStopper] = None, out: Optional[TextIO] = None):
+                 budget: Optional[BudgetStopper] = None, out: Optional[TextIO] = None, show: bool = True):
+        """`show`: False records the endings only (with --verbose, Ray's own tables take the console)."""
         self.num_samples, self.metric, self.sign = num_samples, metric, (1.0 if mode == "max" else -1.0)
-        self.max_epochs, self.budget = max_epochs, budget
+        self.max_epochs, self.budget, self.show = max_epochs, budget, show
         self._out = out
         self.best: Optional[Best] = None
         self.endings: dict[str, str] = {}
@@ -88,6 +89,8 @@ class SearchView(tune.Callback):
 
     def on_step_end(self, iteration, trials, **info) -> None:
         now = time.monotonic()
+        if not self.show:
+            return
         if self.out.isatty():
             if now - self.last_shown >= TTY_EVERY_S:
                 # Cut to the terminal's width (a wrapped line cannot be rewritten in place), and leave the cursor
@@ -101,7 +104,8 @@ class SearchView(tune.Callback):
             self.last_shown, self.changed = now, False
 
     def on_experiment_end(self, trials, **info) -> None:
-        print(("\r\x1b[K" if self.out.isatty() else "") + self.line(trials), file=self.out, flush=True)
+        if self.show:
+            print(("\r\x1b[K" if self.out.isatty() else "") + self.line(trials), file=self.out, flush=True)
 
     def line(self, trials) -> str:
         statuses = [trial.status for trial in trials]
@@ -121,17 +125,18 @@ class SearchView(tune.Callback):
                 f"{': ' + shown if shown else ''} | {best}")
 
     def time_left(self, trials, elapsed: float) -> Optional[float]:
-        """Epochs still to run (unstarted trials as many as the ended ones averaged) over the epochs per second so
-        far; never past the budget. None until a trial has ended."""
-        done = [trial for trial in trials if trial.status in ("TERMINATED", "ERROR")]
-        epochs = [int((trial.last_result or {}).get("epoch", 0)) for trial in trials]
-        if not done or not sum(epochs) or elapsed <= 0:
+        """Epochs still to run over the epochs per second so far: a trial not yet ended runs as many as the ended
+        ones did on average (at least one more), one not yet created as many. Never past the budget. None until a
+        trial has ended."""
+        epochs = {trial.trial_id: int((trial.last_result or {}).get("epoch", 0)) for trial in trials}
+        done = [trial.trial_id for trial in trials if trial.status in ("TERMINATED", "ERROR")]
+        if not done or not sum(epochs.values()) or elapsed <= 0:
             return None
-        per_trial = sum(int((t.last_result or {}).get("epoch", 0)) for t in done) / len(done)
-        live = [t for t in trials if t.status not in ("TERMINATED", "ERROR")]
-        todo = max(0.0, (self.num_samples - len(done)) * per_trial - sum(int((t.last_result or {}).get("epoch", 0))
-                                                                          for t in live))
-        left = todo / (sum(epochs) / elapsed)
+        per_trial = sum(epochs[t] for t in done) / len(done)
+        live = [t for t in epochs if t not in done]
+        todo = sum(max(per_trial - epochs[t], 1.0) for t in live) + \
+            max(self.num_samples - len(trials), 0) * per_trial
+        left = todo / (sum(epochs.values()) / elapsed)
         if self.budget is not None:
             left = min(left, max(self.budget.budget_s - self.budget.used_s(), 0.0))
         return left

@@ -84,16 +84,16 @@ def run_search(spec: Spec, address: Optional[str] = None, progress: Callable[[st
             name=spec.name, storage_path=str(spec.storage), stop=stopper,
             checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
             failure_config=tune.FailureConfig(max_failures=0),
-            callbacks=[] if verbose else [_view(spec, stopper)], verbose=1 if verbose else 0),
+            callbacks=[_view(spec, stopper, show=not verbose)], verbose=1 if verbose else 0),
     )
     progress(f"tuneprod: watch it with `tuneprod dashboard {spec.experiment_dir}` or "
              f"`tensorboard --logdir {spec.experiment_dir}`")
     return _fit(spec, tuner, images, progress, verbose)
 
 
-def _view(spec: Spec, stopper: Optional[BudgetStopper]) -> SearchView:
+def _view(spec: Spec, stopper: Optional[BudgetStopper], show: bool) -> SearchView:
     return SearchView(spec.search.num_samples, spec.search.metric, spec.search.direction,
-                      spec.search.scheduler.max_epochs, stopper)
+                      spec.search.scheduler.max_epochs, stopper, show=show)
 
 
 def grace_period(spec: Spec, data: TrialData) -> int:
