@@ -94,12 +94,18 @@ def test_unreadable_images_are_listed_once_and_skipped(image_folder, capsys):
     broken.write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
     truncated = image_folder / "green" / "truncated.png"
     truncated.write_bytes((image_folder / "green" / "0.png").read_bytes()[:60])
+    pipe = image_folder / "blue" / "pipe.png"
+    os.mkfifo(pipe)  # opening it for reading would block forever
+    loop = image_folder / "blue" / "loop.png"
+    loop.symlink_to(loop)
+    linked = image_folder / "blue" / "linked.png"
+    linked.symlink_to(image_folder / "blue" / "0.png")
     image_set = index_images(image_folder)
     images = decoded(image_set, 16)
     kept = {image_set.paths[r] for r in images.rows}
-    assert len(images) == 18 and broken not in kept and truncated not in kept
+    assert len(images) == 19 and not {broken, truncated, pipe, loop} & kept and linked in kept
     warning = capsys.readouterr().err
-    assert warning.count("warning") == 1 and str(broken) in warning and str(truncated) in warning
+    assert warning.count("warning") == 1 and all(str(p) in warning for p in (broken, truncated, pipe, loop))
 
 
 def test_unreadable_images_that_empty_a_class_are_an_error(image_folder):

@@ -2,6 +2,7 @@
 import dataclasses
 import json
 import re
+import os
 import shutil
 import subprocess
 import sys
@@ -62,7 +63,8 @@ def test_predictions_csv_and_accuracy(trained, tmp_path):
     messages = []
     report = predict(model_dir, test_dir, tmp_path / "out" / "p.csv", progress=messages.append)
     table = pd.read_csv(report.out)
-    assert list(table.columns) == ["file", "label", "confidence", "top5_labels", "top5_confidences"]
+    assert list(table.columns) == ["file", "label", "confidence", "top5_labels", "top5_confidences",
+                                   "error"]
     assert len(table) == 12 and set(table["label"]) <= {"blue", "green", "red"}
     assert table["confidence"].between(0, 1).all()
     for row in table.itertuples():
@@ -87,8 +89,15 @@ def test_unreadable_test_image_is_skipped(trained, tmp_path, capsys):
     images = tmp_path / "imgs"
     shutil.copytree(test_dir, images)
     (images / "zz_broken.jpg").write_bytes(b"nope")
+    os.mkfifo(images / "zz_pipe.png")  # never opened: reading it would block
     report = predict(model_dir, images, tmp_path / "p.csv", progress=lambda _: None)
-    assert report.images == 12 and "zz_broken.jpg" in capsys.readouterr().err
+    warning = capsys.readouterr().err
+    assert report.images == 12 and "zz_broken.jpg" in warning and "zz_pipe.png" in warning
+    table = pd.read_csv(tmp_path / "p.csv")
+    assert len(table) == 14 and table["label"].notna().sum() == 12  # a row for every file asked about
+    skipped = table[table["label"].isna()]
+    assert skipped["file"].tolist() == ["zz_broken.jpg", "zz_pipe.png"]
+    assert (skipped["error"] == "unreadable image (skipped)").all()
 
 
 def test_bad_model_folder_and_images(trained, tmp_path):

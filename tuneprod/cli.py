@@ -81,7 +81,8 @@ def _parser() -> argparse.ArgumentParser:
     retrain.add_argument("--address", help="Ray cluster to train the members on (default: this machine)")
 
     predict = commands.add_parser("predict", help="predict labels for a folder of images",
-                                  description="Writes file,label,confidence,top5_labels,top5_confidences; prints the "
+                                  description="Writes file,label,confidence,top5_labels,top5_confidences,error (a row "
+                                              "without a label for an unreadable image); prints the "
                                               "accuracy when a test_labels.csv (file,label) sits beside the images.")
     predict.add_argument("model", type=Path, help="model folder, e.g. tuneprod_runs/demo/final")
     predict.add_argument("images", type=Path, help="folder of images (searched recursively) or one image")

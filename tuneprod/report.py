@@ -245,7 +245,10 @@ def _mistakes(spec: Spec, experiment_dir: Path) -> list[str]:
     if test is None or not predictions_file.is_file() or not (test / TEST_LABELS).is_file():
         return []
     truth = pd.read_csv(test / TEST_LABELS, dtype=str)
-    scored = pd.read_csv(predictions_file, dtype={"label": str}).merge(truth, on="file", suffixes=("", "_true"))
+    predicted = pd.read_csv(predictions_file, dtype={"label": str, "error": str})
+    if "error" in predicted.columns:  # unreadable test images have a row, but no prediction
+        predicted = predicted[predicted["error"].isna()]
+    scored = predicted.merge(truth, on="file", suffixes=("", "_true"))
     wrong = scored[scored["label"] != scored["label_true"]]
     accuracy = f"test accuracy {1 - len(wrong) / max(len(scored), 1):.4f} on {len(scored)} labelled test images"
     pairs = wrong.groupby(["label_true", "label"]).size().sort_values(ascending=False).head(CONFUSED_PAIRS_SHOWN)

@@ -73,13 +73,14 @@ def predict(model_dir: Path, images: Path, out: Path, tta: Union[Sequence[str], 
             if len(votes) % 20 == 0 or done == len(paths):
                 progress(f"predict: {done}/{len(paths)} images")
     classes = ensemble.classes
-    table = _table(files, torch.cat(votes), classes)
+    table = _with_unreadable(_table(files, torch.cat(votes), classes),
+                             [p.relative_to(root).as_posix() for p in sorted(unreadable)])
     atomic_write(Path(out), lambda path: table.to_csv(path, index=False))
     if truth is None:
-        return PredictionReport(Path(out), len(table), None)
+        return PredictionReport(Path(out), len(files), None)
     member_accuracy = {name: _accuracy(files, [classes[i] for i in labels], truth)
                        for name, labels in member_labels.items()}
-    return PredictionReport(Path(out), len(table), _accuracy(files, table["label"].tolist(), truth),
+    return PredictionReport(Path(out), len(files), _accuracy(files, table["label"].tolist(), truth),
                             {name: value for name, value in member_accuracy.items() if value is not None})
 
 
@@ -97,6 +98,13 @@ def _image_paths(images: Path) -> tuple[Path, list[Path]]:
     if images.is_file():
         return images.parent, [images]
     raise DataError(f"{images}: no such file or folder; pass a folder of images or one image")
+
+
+def _with_unreadable(table: pd.DataFrame, unreadable: list[str]) -> pd.DataFrame:
+    """A row for every image asked about: one that could not be read has no label, and `error` says why."""
+    table["error"] = ""
+    missing = pd.DataFrame({"file": unreadable, "error": "unreadable image (skipped)"})
+    return pd.concat([table, missing], ignore_index=True) if unreadable else table
 
 
 def _table(files: list[str], probabilities: torch.Tensor, classes: tuple[str, ...]) -> pd.DataFrame:

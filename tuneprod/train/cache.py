@@ -46,8 +46,11 @@ def fingerprint(paths: Sequence[Path], size: int) -> str:
     """Changes when a file is added, removed, renamed, rewritten (size or mtime) or the image size changes."""
     digest = hashlib.sha256(f"tuneprod-cache {FORMAT_VERSION} {size}\n".encode())
     for path in paths:
-        stat = os.stat(path)
-        digest.update(f"{path}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
+        try:
+            stat = os.stat(path)
+            digest.update(f"{path}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
+        except OSError:  # a symlink loop or a dangling link: unreadable, and skipped later with a warning
+            digest.update(f"{path}\0unreadable\n".encode())
     return digest.hexdigest()
 
 

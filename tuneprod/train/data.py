@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import re
+import stat
 import sys
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -161,10 +162,18 @@ def check_class_sizes(image_set: ImageSet, field: str) -> None:
         raise DataError(f"{field}: found only the class {image_set.classes[0]!r}; a classifier needs at least 2")
 
 
+def open_image(path: Path) -> Image.Image:
+    """PIL's open, for regular files only: opening a named pipe blocks until something writes into it, and a device
+    may never end. Follows links (a link to an image is read; a loop raises OSError)."""
+    if not stat.S_ISREG(os.stat(path).st_mode):
+        raise OSError(f"{path}: not a regular file")
+    return Image.open(path)
+
+
 def is_readable(path: Path) -> bool:
     """Decodes the image (at reduced scale for JPEG, which is all a check needs)."""
     try:
-        with Image.open(path) as image:
+        with open_image(path) as image:
             image.draft("RGB", (64, 64))
             image.load()
         return True
@@ -238,7 +247,7 @@ def load_rgb(path: Path, at_least: Optional[int] = None) -> np.ndarray:
     """Any mode (grey, palette, RGBA, CMYK, 16-bit) to an HxWx3 uint8 array, honouring EXIF orientation.
     `at_least`: a JPEG may be decoded at 1/2, 1/4 or 1/8 scale (libjpeg's scaled IDCT, much faster) as long as
     both sides stay >= this many pixels."""
-    with Image.open(path) as image:
+    with open_image(path) as image:
         if at_least:
             image.draft("RGB", (at_least, at_least))
         image = ImageOps.exif_transpose(image)
