@@ -66,6 +66,9 @@ def test_search_retrain_predict(tmp_path, ray_two_cpus, monkeypatch):
         assert column in table.columns
     failed = table[table["status"] == "ERROR"]
     assert "inception_v3" in failed["backbone"].tolist() and "Kernel size" in failed["error"].iloc[0]
+    # Its own failure, recorded once: not a crash that Ray would retry (search.max_failures is 3 by default).
+    assert failed["ended"].iloc[0] == "failed in epoch 1"
+    assert not (experiment / f"trial_{failed['trial_id'].iloc[0]}" / "error.txt").exists()
     healthy = table[table["status"] == "TERMINATED"]
     assert set(healthy["epochs_run"]) <= {1, 2} and 2 in set(healthy["epochs_run"])  # ASHA lets the best go on
     assert healthy["val_acc"].between(0, 1).all() and (healthy["images_per_s"] > 0).all()
@@ -155,3 +158,30 @@ def test_member_tasks_run_on_ray_and_a_failing_member_is_reported(tmp_path, ray_
     assert any(line.startswith("final: member_1 trained in") for line in lines)
     warnings = [line for line in lines if "warning" in line]
     assert len(warnings) == 1 and "Kernel size" in warnings[0] and "goes on without it" in warnings[0]
+
+
+def test_a_trial_whose_worker_is_killed_resumes_from_its_checkpoint(tmp_path, ray_two_cpus):
+    import threading
+
+    import psutil
+
+    generate_demo(tmp_path / "demo", classes=3, train_per_class=6, test_per_class=2, size=32)
+    space = shrunk_space("demo.yaml", tmp_path, data={"demo": str(tmp_path / "demo"), "image_size": 32},
+                         search={"num_samples": 1, "scheduler": {"type": "fifo", "max_epochs": 40}})
+    experiment = tmp_path / "runs" / "shrunk_demo"
+    search = threading.Thread(target=tuneprod.search, args=(space,),
+                              kwargs={"storage": tmp_path / "runs", "retrain": False, "progress": lambda _: None})
+    search.start()
+    deadline = time.monotonic() + 120
+    while not list(experiment.glob("trial_*/checkpoint_00000[3-9]")) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    workers = [p for p in psutil.process_iter(["cmdline"]) if "ImplicitFunc" in " ".join(p.info["cmdline"] or [])]
+    assert len(workers) == 1, workers
+    workers[0].kill()  # SIGKILL, as the kernel's OOM killer would
+    search.join(timeout=300)
+    table = pd.read_parquet(experiment / "trials.parquet")
+    assert table["status"].tolist() == ["TERMINATED"] and table["epochs_run"].tolist() == [40]
+    epochs = pd.read_csv(next(experiment.glob("trial_*/progress.csv")))["epoch"].tolist()
+    # Retried from its checkpoint: epoch 1 ran once; only epochs after the last checkpoint may run twice.
+    assert epochs.count(1) == 1 and sorted(set(epochs)) == list(range(1, 41)), epochs
+    assert len(epochs) < 40 + 5

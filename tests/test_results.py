@@ -80,3 +80,19 @@ def test_written_files_round_trip_with_types(tmp_path):
     assert "epoch 2" in (tmp_path / BEST_CONFIG).read_text().splitlines()[0]
     inactive = params_of(again.set_index("trial_id").loc["a"], NAMES)
     assert "momentum" not in inactive and type(inactive["batch_size"]) is int
+
+
+def test_a_trials_own_failure_is_its_last_result_and_reads_as_an_error():
+    from types import SimpleNamespace
+
+    from tuneprod.tuning.results import FAILED, FAILED_IN_EPOCH, records_from_grid
+
+    rows = history([0.3, 0.4]) + [{FAILED: "NonFiniteLoss: the loss is nan", FAILED_IN_EPOCH: 3,
+                                   "val_acc": math.nan, "val_loss": math.nan, "epoch": math.nan}]
+    grid = [SimpleNamespace(metrics_dataframe=pd.DataFrame(rows), metrics={"trial_id": "f"}, path="/x/trial_f",
+                            config={"optimizer": "sgd", "lr": 0.1}, error=None)]
+    records = records_from_grid(grid, NAMES)
+    assert records[0].error == "NonFiniteLoss: the loss is nan" and records[0].params == {"optimizer": "sgd"}
+    row = trials_table(records, NAMES, "val_acc", "max", max_epochs=4).iloc[0]
+    assert row["status"] == "ERROR" and row["epochs_run"] == 2 and row["val_acc"] == pytest.approx(0.4)
+    assert row["ended"] == "failed in epoch 3"

@@ -235,6 +235,9 @@ class SearchSpec(_Strict):
     num_samples: int = Field(16, ge=1)
     max_concurrent_trials: Optional[int] = Field(None, ge=1)
     time_budget_s: Optional[float] = Field(None, gt=0)
+    # Retries of a trial whose worker process or node was lost, each from its last checkpoint. A trial's own failure
+    # (NaN loss, out of memory, a model that cannot take the image size) is recorded once and never retried.
+    max_failures: int = Field(3, ge=0)
     seed: int = 0
     searcher: SearcherSpec = SearcherSpec()
     scheduler: SchedulerSpec = SchedulerSpec()

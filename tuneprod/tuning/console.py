@@ -17,7 +17,7 @@ from ray import tune
 
 from tuneprod.files import atomic_write
 from tuneprod.tuning.budget import BudgetStopper
-from tuneprod.tuning.results import ENDINGS, ending
+from tuneprod.tuning.results import ENDINGS, FAILED, FAILED_IN_EPOCH, ending
 
 TTY_EVERY_S = 1.0
 PLAIN_EVERY_S = 15.0
@@ -79,7 +79,11 @@ class SearchView(tune.Callback):
         self._ended(trial, failed=True)
 
     def _ended(self, trial, failed: bool) -> None:
-        epochs = int((trial.last_result or {}).get("epoch", 0))
+        last = trial.last_result or {}
+        if FAILED in last:  # the trial's own failure, reported as its last result
+            failed, epochs = True, int(last[FAILED_IN_EPOCH]) - 1
+        else:
+            epochs = int(last.get("epoch", 0))
         self.endings[trial.trial_id] = ending(epochs, self.max_epochs, failed,
                                               self.budget is not None and self.budget.stopped)
         self.changed = True
@@ -112,7 +116,7 @@ class SearchView(tune.Callback):
         ended = [self.endings.get(trial.trial_id, "") for trial in trials if trial.status in ("TERMINATED", "ERROR")]
         counts = {"finished": sum(e.startswith("ran all") for e in ended),
                   "stopped": sum(e.startswith(("stopped", "cut")) for e in ended),
-                  "failed": statuses.count("ERROR"), "running": statuses.count("RUNNING"),
+                  "failed": sum(e.startswith("failed") for e in ended), "running": statuses.count("RUNNING"),
                   "waiting": statuses.count("PAUSED"), "pending": statuses.count("PENDING")}
         shown = ", ".join(f"{n} {what}" for what, n in counts.items() if n)
         best = (f"best {self.metric} {self.best.value:.4f} (trial {self.best.trial_id}, epoch {self.best.epoch})"

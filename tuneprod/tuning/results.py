@@ -23,6 +23,10 @@ ENDINGS = "trial_endings.json"  # trial id -> how it ended, written by the conso
 STUDY_DB = "study.db"  # the search's Optuna study (tuning/study.py writes it; the dashboard and report read it)
 RAY_TRIAL_ID = "ray_trial_id"  # the user attribute that ties an Optuna trial to its row of trials.parquet
 LOST = "lost"  # user attribute of a trial the driver asked for but Ray never recorded (a driver killed hard)
+# A trial's own failure (NaN loss, out of memory, a model that cannot take the image size) is its last result, not a
+# crash: Ray retries crashes (a lost worker or node) from the last checkpoint, and would retry these for nothing.
+FAILED = "trial_failed"  # that result's message
+FAILED_IN_EPOCH = "failed_in_epoch"
 
 
 @dataclass
@@ -43,7 +47,8 @@ def records_from_grid(grid, param_names: list[str]) -> list[TrialRecord]:
         trial_id = (result.metrics or {}).get("trial_id") or _trial_id_from_path(result.path)
         params = {k: v for k, v in (result.config or {}).items() if k in param_names}
         error = None if result.error is None else _first_line(result.error)
-        records.append(TrialRecord(trial_id, params, history, error))
+        failure = history[-1].get(FAILED) if history else None
+        records.append(TrialRecord(trial_id, params, history, failure if isinstance(failure, str) else error))
     return records
 
 
@@ -54,10 +59,14 @@ def _trial_id_from_path(path: str) -> str:
 
 def _first_line(error: BaseException) -> str:
     """The root cause's message: Ray wraps the trial's exception in its own."""
-    cause = getattr(error, "cause", None) or error
-    text = f"{type(cause).__name__}: {cause}".strip()
+    return describe(getattr(error, "cause", None) or error)
+
+
+def describe(error: BaseException) -> str:
+    """One line: the exception's type and the last line of its message (where tracebacks put the point)."""
+    text = f"{type(error).__name__}: {error}".strip()
     lines = [line for line in text.splitlines() if line.strip()]
-    return lines[-1] if lines else type(cause).__name__
+    return lines[-1] if lines else type(error).__name__
 
 
 def ending(epochs: int, max_epochs: int, failed: bool, budget_spent: bool) -> str:
@@ -91,11 +100,12 @@ def trials_table(records: list[TrialRecord], param_names: list[str], metric: str
 
 def _row(record: TrialRecord, param_names: list[str], metric: str, mode: str, max_epochs: int,
          endings: dict[str, str]) -> dict:
-    epochs = [h for h in record.history if _finite(h.get(metric))]
-    best = (max if mode == "max" else min)(epochs, key=lambda h: h[metric]) if epochs else {}
+    reported = [h for h in record.history if _finite(h.get(metric))]
+    best = (max if mode == "max" else min)(reported, key=lambda h: h[metric]) if reported else {}
     last = record.history[-1] if record.history else {}
+    completed = [h for h in record.history if _finite(h.get("epoch"))]  # not a failure's last report
     speeds = [h["images_per_s"] for h in record.history if _finite(h.get("images_per_s"))]
-    epochs_run = int(last.get("epoch", len(record.history)))
+    epochs_run = int(completed[-1]["epoch"]) if completed else 0
     return {
         "trial_id": record.trial_id,
         "status": "ERROR" if record.error else "TERMINATED",

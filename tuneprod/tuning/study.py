@@ -13,7 +13,7 @@ from optuna.trial import TrialState
 from ray.tune.result import TRAINING_ITERATION
 from ray.tune.search.optuna import OptunaSearch
 
-from tuneprod.tuning.results import LOST, RAY_TRIAL_ID, STUDY_DB, study_storage
+from tuneprod.tuning.results import FAILED, LOST, RAY_TRIAL_ID, STUDY_DB, study_storage
 
 _resumed_at: Optional[Path] = None
 
@@ -49,11 +49,15 @@ class StudySearch(OptunaSearch):
             self._ot_trials[trial_id].set_user_attr(RAY_TRIAL_ID, trial_id)
         return config
 
+    def on_trial_result(self, trial_id: str, result: dict) -> None:
+        if FAILED not in result:  # a failure's report is no point of the learning curve
+            super().on_trial_result(trial_id, result)
+
     def on_trial_complete(self, trial_id: str, result: Optional[dict] = None, error: bool = False) -> None:
         if trial_id in self._completed_trials or trial_id not in self._ot_trials:
             return
         trial = self._ot_trials[trial_id]
-        if error:
+        if error or (result and FAILED in result):
             self._ot_study.tell(trial, state=TrialState.FAIL)
         elif result and result.get("epoch", 0) >= self._max_epochs and result.get(self._metric) is not None:
             self._ot_study.tell(trial, result[self._metric])

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import gc
 import logging
+import math
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,6 +15,7 @@ from ray import tune
 from tuneprod.spec import Hyperparams, TrialConfig
 from tuneprod.train.cache import DecodedImages
 from tuneprod.train.loop import TrainingRun
+from tuneprod.tuning.results import FAILED, FAILED_IN_EPOCH, describe
 
 STATE_FILE = "state.pt"
 
@@ -38,8 +40,9 @@ def train_trial(config: dict, data: TrialData) -> None:
     # The GPUs Ray assigned, not whether one is visible: a trial given none must not train on a GPU it shares
     # with the trials that were given it.
     device = torch.device("cuda" if ray.get_gpu_ids() else "cpu")
-    run = TrainingRun(trial_config, data.train.classes, data.train, data.val, device)
+    run = None
     try:
+        run = TrainingRun(trial_config, data.train.classes, data.train, data.val, device)
         checkpoint = tune.get_checkpoint()
         if checkpoint:  # a restored experiment or a retried trial resumes where it stopped
             with checkpoint.as_directory() as folder:
@@ -49,6 +52,10 @@ def train_trial(config: dict, data: TrialData) -> None:
             with tempfile.TemporaryDirectory() as folder:
                 torch.save(run.state_dict(), Path(folder) / STATE_FILE)
                 tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(folder))
+    except Exception as exc:  # the trial's own failure: its last result, so that Ray does not retry it
+        # No `epoch`: no rung may count it. Both metrics, NaN: Ray insists on the search metric in every result.
+        tune.report({FAILED: describe(exc), FAILED_IN_EPOCH: (run.epoch if run else 0) + 1,
+                     "val_acc": math.nan, "val_loss": math.nan})
     finally:
         # A trial ASHA stops leaves through tune.report; its memory goes back to the GPU now, for the trials
         # packed beside it, not when Ray gets round to ending the process.

@@ -83,7 +83,7 @@ def run_search(spec: Spec, address: Optional[str] = None, progress: Callable[[st
         run_config=tune.RunConfig(
             name=spec.name, storage_path=str(spec.storage), stop=stopper,
             checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
-            failure_config=tune.FailureConfig(max_failures=0),
+            failure_config=tune.FailureConfig(max_failures=spec.search.max_failures),
             callbacks=[_view(spec, stopper, show=not verbose)], verbose=1 if verbose else 0),
     )
     progress(f"tuneprod: watch it with `tuneprod dashboard {spec.experiment_dir}` or "
