@@ -220,7 +220,7 @@ def _trial_data(spec: Spec, progress: Callable[[str], None]) -> tuple[DecodedIma
 def _trainable(spec: Spec, data: TrialData, address: Optional[str], progress: Callable[[str], None]):
     cluster = ray.cluster_resources()
     resources = trial_resources(spec, cluster.get("GPU", 0))
-    if address is None:  # a cluster may autoscale to fit; this machine will not
+    if address in (None, "local"):  # a cluster may autoscale to fit; this machine will not
         check_resources_fit(spec, resources, cluster)
     if spec.resources.gpus_per_trial == "auto" and resources["gpu"]:
         resources = _packed(spec, data, cluster, progress)
