@@ -1,0 +1,61 @@
+"""A search on a Ray cluster of several nodes, made on this machine with ray.cluster_utils.Cluster: a head with no
+CPUs (it runs the driver only, as cluster.yaml's does) and two 1-CPU worker nodes. One worker node is removed in
+the middle of the search: its trial resumes on the other from its checkpoint, and the search, the final stage and
+the predictions complete. Slow (about a minute)."""
+import json
+import threading
+import time
+
+import pandas as pd
+import pytest
+import ray
+from ray.cluster_utils import Cluster
+
+import tuneprod
+from tests.helpers import shrunk_space
+from tuneprod.demo import generate_demo
+
+pytestmark = pytest.mark.slow
+EPOCHS = 30
+
+
+@pytest.fixture
+def cluster():
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0})
+    workers = [cluster.add_node(num_cpus=1) for _ in range(2)]
+    cluster.wait_for_nodes()
+    yield cluster, workers
+    ray.shutdown()
+    cluster.shutdown()
+
+
+def test_a_search_survives_losing_a_worker_node(tmp_path, cluster):
+    head, (kept, lost) = cluster
+    generate_demo(tmp_path / "demo", classes=3, train_per_class=6, test_per_class=2, size=32)
+    space = shrunk_space("demo.yaml", tmp_path, data={"demo": str(tmp_path / "demo"), "image_size": 32},
+                         search={"num_samples": 2, "scheduler": {"type": "fifo", "max_epochs": EPOCHS}},
+                         final={"members": 1, "seeds": 1})
+    experiment = tmp_path / "runs" / "shrunk_demo"
+    outcome = {}
+    search = threading.Thread(target=lambda: outcome.update(result=tuneprod.search(
+        space, storage=tmp_path / "runs", address=head.address, progress=lambda _: None)))
+    search.start()
+    deadline = time.monotonic() + 180
+    # Both trials under way (one per worker node), each with a few epochs checkpointed.
+    while len(list(experiment.glob("trial_*/checkpoint_00000[3-9]"))) < 2 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert len(list(experiment.glob("trial_*/checkpoint_*"))) == 2
+    head.remove_node(lost)
+    search.join(timeout=600)
+    assert not search.is_alive() and "result" in outcome
+
+    table = pd.read_parquet(experiment / "trials.parquet")
+    assert table["status"].tolist() == ["TERMINATED"] * 2 and table["epochs_run"].tolist() == [EPOCHS] * 2
+    for progress in experiment.glob("trial_*/progress.csv"):
+        epochs = pd.read_csv(progress)["epoch"].tolist()
+        # The trial on the lost node went on from its checkpoint, not from the start.
+        assert epochs.count(1) == 1 and sorted(set(epochs)) == list(range(1, EPOCHS + 1)), epochs
+    ensemble = json.loads((experiment / "final" / "ensemble.json").read_text())
+    assert ensemble["members"] == ["member_1"] and (experiment / "final" / "member_1" / "model.safetensors").is_file()
+    assert len(pd.read_csv(experiment / "predictions.csv")) == 6
+    assert (experiment / "report.html").is_file()
