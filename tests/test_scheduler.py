@@ -2,15 +2,18 @@
 checkpoints and no epoch runs twice."""
 import json
 import math
+import pickle
 import tempfile
 from pathlib import Path
 
+import pandas as pd
 import pytest
 import ray
 from ray import tune
 
 from ray.tune.search import Searcher
 
+from tuneprod.tuning.restore import resumed_at
 from tuneprod.tuning.scheduler import (CONTINUE, STOP, WAIT, PromotingASHA, Rungs, RunningTrialsLimiter,
                                        auto_grace_period, milestones)
 
@@ -236,3 +239,46 @@ def test_while_a_trial_runs_nobody_waiting_is_stopped():
     scheduler = scheduler_with([("b", 1, 0.2)])
     controller = FakeController([FakeTrial("b", "PAUSED"), FakeTrial("r", "RUNNING")], finished=True)
     assert scheduler.choose_trial_to_run(controller) is None and controller.stopped == []
+
+
+def progress_csv(folder, trial_id, rows):
+    """A trial's progress.csv as Ray writes it: (timestamp, epoch, val_acc) per report."""
+    (folder / f"trial_{trial_id}").mkdir(parents=True)
+    pd.DataFrame([{"epoch": e, "val_acc": v, "timestamp": t, "trial_id": trial_id} for t, e, v in rows]) \
+        .to_csv(folder / f"trial_{trial_id}" / "progress.csv", index=False)
+
+
+def test_a_resumed_search_replays_its_rungs_and_decides_as_if_never_interrupted(tmp_path):
+    # rf 2, rungs at epochs 1 and 2. Before the interruption: a waits at rung 1 (alone there), b beats it (goes on;
+    # a is stopped), c is worse than b (stopped), b reaches rung 2 and waits; its retried epoch 1 counts once.
+    progress_csv(tmp_path, "a", [(100, 1, 0.5)])
+    progress_csv(tmp_path, "b", [(101, 1, 0.7), (103, 2, 0.8), (104, 1, 0.1)])
+    progress_csv(tmp_path, "c", [(102, 1, 0.6)])
+    uninterrupted = PromotingASHA("val_acc", "max", max_epochs=4, grace_period=1, reduction_factor=2)
+    for trial, rung, value in (("a", 1, 0.5), ("b", 1, 0.7), ("c", 1, 0.6), ("b", 2, 0.8)):
+        uninterrupted.rungs.arrive(trial, rung, value)
+    uninterrupted.rungs.leave("a")
+
+    saved = pickle.dumps(PromotingASHA("val_acc", "max", max_epochs=4, grace_period=1, reduction_factor=2))
+    fresh = pickle.loads(saved)  # what Ray's restore alone gives: empty rungs
+    with resumed_at(tmp_path):
+        resumed = pickle.loads(saved)
+    assert resumed.rungs.scores == uninterrupted.rungs.scores and resumed.rungs.promoted == {1: {"b"}, 2: set()}
+    # After the resume, e reports 0.55 at rung 1: below the best half of five, it stops, as it would have in the
+    # uninterrupted run; on empty rungs it would wait, alone, and d (0.9 at rung 2) would wait too.
+    for scheduler in (uninterrupted, resumed):
+        assert scheduler.rungs.arrive("e", 1, 0.55) == STOP and scheduler.rungs.arrive("d", 2, 0.9) == CONTINUE
+    assert fresh.rungs.arrive("e", 1, 0.55) == WAIT and fresh.rungs.arrive("d", 2, 0.9) == WAIT
+
+
+def test_after_a_resume_a_trial_that_waited_still_waits_though_ray_brings_it_back_pending():
+    scheduler = scheduler_with([("w", 1, 0.5)])  # waiting at rung 1 when the search was interrupted
+    w, new = FakeTrial("w", "PENDING"), FakeTrial("new", "PENDING")
+    controller = FakeController([w, new], finished=False)
+    assert scheduler.choose_trial_to_run(controller) is new  # not w: it has not been promoted
+    new.status = "RUNNING"
+    assert scheduler.choose_trial_to_run(controller) is None  # w waits while a trial runs
+    scheduler.rungs.arrive("x", 1, 0.1)
+    scheduler.rungs.arrive("y", 1, 0.2)
+    new.status = "TERMINATED"
+    assert scheduler.choose_trial_to_run(controller) is w  # promoted: the best third of its rung

@@ -8,7 +8,8 @@ import pytest
 from optuna.trial import TrialState
 
 from tuneprod.tuning.results import LOST, RAY_TRIAL_ID, load_study
-from tuneprod.tuning.study import StudySearch, resumed_at
+from tuneprod.tuning.restore import resumed_at
+from tuneprod.tuning.study import StudySearch
 
 START = {"lr": 0.01, "batch_size": 16}
 

@@ -15,11 +15,13 @@ When no new trial can come, a rung that promoted nobody promotes its best, and t
 from __future__ import annotations
 
 import math
-from typing import Optional
+from typing import Iterable, Optional
 
 from ray.tune.experiment import Trial
 from ray.tune.schedulers import FIFOScheduler, TrialScheduler
 from ray.tune.search import ConcurrencyLimiter, Searcher
+
+from tuneprod.tuning.restore import reported_epochs, resuming
 
 CONTINUE, WAIT, STOP = "continue", "wait", "stop"
 
@@ -131,6 +133,26 @@ class PromotingASHA(FIFOScheduler):
         self._sign = 1.0 if mode == "max" else -1.0  # Rungs ranks higher scores first
         self.rungs = Rungs(milestones(grace_period, reduction_factor, max_epochs), reduction_factor, stop_losers)
 
+    def __setstate__(self, state: dict) -> None:
+        """Ray saves no scheduler state (ray-project/ray #30838): Tuner.restore brings this back as the search began.
+        A resumed search replays the results its trials reported, so that its rungs decide as an uninterrupted
+        run's would. (The rungs are shared with RunningTrialsLimiter, so they are refilled, not replaced.)"""
+        self.__dict__.update(state)
+        folder = resuming()
+        if folder is not None:
+            self.replay((trial, epoch, self._sign * value)
+                        for trial, epoch, value in reported_epochs(folder, self._metric))
+
+    def replay(self, arrivals: Iterable[tuple[str, int, float]]) -> None:
+        """(trial, epoch, score) in the order they came: each rung result recorded again. A trial seen at a higher
+        rung than the one it waited at was promoted from it."""
+        for trial, epoch, score in arrivals:
+            if epoch not in self.rungs.milestones or trial in self.rungs.scores[epoch]:
+                continue
+            if trial in self.rungs.waiting:
+                self.rungs._promote(trial)
+            self.rungs.arrive(trial, epoch, score)
+
     def on_trial_result(self, tune_controller, trial: Trial, result: dict) -> str:
         epoch = result.get("epoch")
         if epoch not in self.rungs.milestones or self._metric not in result:
@@ -149,16 +171,19 @@ class PromotingASHA(FIFOScheduler):
 
     def choose_trial_to_run(self, tune_controller) -> Optional[Trial]:
         trials = tune_controller.get_trials()
-        paused = {t.trial_id: t for t in trials if t.status == Trial.PAUSED}
+        # Waiting trials are PAUSED; a resumed search brings them back PENDING, and they still wait.
+        paused = {t.trial_id: t for t in trials if t.status == Trial.PAUSED or
+                  (t.status == Trial.PENDING and t.trial_id in self.rungs.waiting)}
         for loser in self.rungs.losers(set(paused)):  # their rung filled up with better trials
             tune_controller.stop_trial(paused.pop(loser))
-        active = sum(t.status in (Trial.RUNNING, Trial.PENDING) for t in trials)
+        active = sum(t.status == Trial.RUNNING or (t.status == Trial.PENDING and t.trial_id not in paused)
+                     for t in trials)
         if self.max_concurrent is not None and active >= self.max_concurrent:
             return None
         promoted = self.rungs.next_promotion(set(paused))
         if promoted:
             return paused[promoted]
-        pending = [t for t in trials if t.status == Trial.PENDING]
+        pending = [t for t in trials if t.status == Trial.PENDING and t.trial_id not in paused]
         if pending:
             return pending[0]
         if any(t.status == Trial.RUNNING for t in trials) or not paused:

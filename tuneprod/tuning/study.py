@@ -3,7 +3,6 @@ the report after. Every epoch's metric is an intermediate value; a trial the sch
 before max_epochs is PRUNED, as Optuna's own pruners record it; a failed trial is FAIL."""
 from __future__ import annotations
 
-import contextlib
 import pickle
 from pathlib import Path
 from typing import Optional
@@ -13,22 +12,8 @@ from optuna.trial import TrialState
 from ray.tune.result import TRAINING_ITERATION
 from ray.tune.search.optuna import OptunaSearch
 
+from tuneprod.tuning.restore import resuming
 from tuneprod.tuning.results import FAILED, LOST, RAY_TRIAL_ID, STUDY_DB, study_storage
-
-_resumed_at: Optional[Path] = None
-
-
-@contextlib.contextmanager
-def resumed_at(experiment_dir: Path):
-    """Around Tuner.restore, which unpickles the searcher: the folder the experiment is in now, which may not be
-    where it was searched (Ray restores the searcher's state from a staging copy, which does not say)."""
-    global _resumed_at
-    _resumed_at = Path(experiment_dir)
-    try:
-        yield
-    finally:
-        _resumed_at = None
-
 
 class StudySearch(OptunaSearch):
     """Ray's OptunaSearch on a study stored in the experiment folder. Its saved state holds trial numbers, not the
@@ -78,7 +63,7 @@ class StudySearch(OptunaSearch):
 
     def __setstate__(self, state: dict) -> None:
         self.__dict__.update(state)
-        self._experiment_dir = _resumed_at or self._experiment_dir
+        self._experiment_dir = resuming() or self._experiment_dir
         if (self._experiment_dir / STUDY_DB).is_file():  # opening a missing one would make an empty one
             self._reopen(self._experiment_dir)
 

@@ -28,7 +28,8 @@ from tuneprod.tuning.console import SearchView
 from tuneprod.tuning.packing import PROBE_RECORD, PackingTable, measure_gpu
 from tuneprod.tuning.scheduler import PromotingASHA, RunningTrialsLimiter, auto_grace_period, milestones
 from tuneprod.tuning.space import DefineByRun, sampler
-from tuneprod.tuning.study import StudySearch, resumed_at
+from tuneprod.tuning.restore import resumed_at
+from tuneprod.tuning.study import StudySearch
 from tuneprod.tuning.trainable import TrialData, train_trial
 
 PROBE_TIMEOUT_S = 900  # a GPU busy with other work, or a cluster that never gets one: give up, use whole GPUs
