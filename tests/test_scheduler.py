@@ -189,6 +189,9 @@ class FakeTrial:
     def __init__(self, trial_id, status):
         self.trial_id, self.status = trial_id, status
 
+    def set_status(self, status):
+        self.status = status
+
 
 class FakeController:
     """What PromotingASHA reads of Ray's TuneController: the trials, whether the searcher is done, stop_trial."""
@@ -275,6 +278,9 @@ def test_after_a_resume_a_trial_that_waited_still_waits_though_ray_brings_it_bac
     scheduler = scheduler_with([("w", 1, 0.5)])  # waiting at rung 1 when the search was interrupted
     w, new = FakeTrial("w", "PENDING"), FakeTrial("new", "PENDING")
     controller = FakeController([w, new], finished=False)
+    for trial in (w, new):  # as Tuner.restore adds them back
+        scheduler.on_trial_add(controller, trial)
+    assert (w.status, new.status) == ("PAUSED", "PENDING")
     assert scheduler.choose_trial_to_run(controller) is new  # not w: it has not been promoted
     new.status = "RUNNING"
     assert scheduler.choose_trial_to_run(controller) is None  # w waits while a trial runs

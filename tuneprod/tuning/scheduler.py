@@ -160,6 +160,12 @@ class PromotingASHA(FIFOScheduler):
         decision = self.rungs.arrive(trial.trial_id, epoch, self._sign * float(result[self._metric]))
         return {CONTINUE: TrialScheduler.CONTINUE, WAIT: TrialScheduler.PAUSE, STOP: TrialScheduler.STOP}[decision]
 
+    def on_trial_add(self, tune_controller, trial: Trial) -> None:
+        # A resumed search brings back a trial that waited at a rung as PENDING (which would also hold back the
+        # searcher: Ray keeps one trial pending at a time): it waits on, PAUSED, until its rung promotes it.
+        if trial.status == Trial.PENDING and trial.trial_id in self.rungs.waiting:
+            trial.set_status(Trial.PAUSED)
+
     def on_trial_complete(self, tune_controller, trial: Trial, result: dict) -> None:
         self.rungs.leave(trial.trial_id)
 
@@ -171,19 +177,16 @@ class PromotingASHA(FIFOScheduler):
 
     def choose_trial_to_run(self, tune_controller) -> Optional[Trial]:
         trials = tune_controller.get_trials()
-        # Waiting trials are PAUSED; a resumed search brings them back PENDING, and they still wait.
-        paused = {t.trial_id: t for t in trials if t.status == Trial.PAUSED or
-                  (t.status == Trial.PENDING and t.trial_id in self.rungs.waiting)}
+        paused = {t.trial_id: t for t in trials if t.status == Trial.PAUSED}
         for loser in self.rungs.losers(set(paused)):  # their rung filled up with better trials
             tune_controller.stop_trial(paused.pop(loser))
-        active = sum(t.status == Trial.RUNNING or (t.status == Trial.PENDING and t.trial_id not in paused)
-                     for t in trials)
+        active = sum(t.status in (Trial.RUNNING, Trial.PENDING) for t in trials)
         if self.max_concurrent is not None and active >= self.max_concurrent:
             return None
         promoted = self.rungs.next_promotion(set(paused))
         if promoted:
             return paused[promoted]
-        pending = [t for t in trials if t.status == Trial.PENDING and t.trial_id not in paused]
+        pending = [t for t in trials if t.status == Trial.PENDING]
         if pending:
             return pending[0]
         if any(t.status == Trial.RUNNING for t in trials) or not paused:
