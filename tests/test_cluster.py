@@ -1,8 +1,10 @@
-"""A search on a Ray cluster of several nodes, made on this machine with ray.cluster_utils.Cluster: a head with no
-CPUs (it runs the driver only, as cluster.yaml's does) and two 1-CPU worker nodes. One worker node is removed in
-the middle of the search: its trial resumes on the other from its checkpoint, and the search, the final stage and
-the predictions complete. Slow (about a minute)."""
+"""Searches where Ray runs on more than one node, or more than one search runs. A cluster of several nodes is made
+on this machine with ray.cluster_utils.Cluster: a head with no CPUs (it runs the driver only, as cluster.yaml's
+does) and two 1-CPU worker nodes. One worker node is removed in the middle of the search: its trial resumes on the
+other from its checkpoint, and the search, the final stage and the predictions complete. Slow (a few minutes)."""
 import json
+import subprocess
+import sys
 import threading
 import time
 
@@ -59,3 +61,19 @@ def test_a_search_survives_losing_a_worker_node(tmp_path, cluster):
     assert ensemble["members"] == ["member_1"] and (experiment / "final" / "member_1" / "model.safetensors").is_file()
     assert len(pd.read_csv(experiment / "predictions.csv")) == 6
     assert (experiment / "report.html").is_file()
+
+
+def test_two_searches_started_at_once_with_one_name_each_finish_in_their_own_folder(tmp_path):
+    generate_demo(tmp_path / "demo", classes=3, train_per_class=6, test_per_class=2, size=32)
+    space = shrunk_space("demo.yaml", tmp_path, data={"demo": str(tmp_path / "demo"), "image_size": 32},
+                         search={"num_samples": 2, "scheduler": {"type": "fifo", "max_epochs": 2}},
+                         final={"members": 1, "seeds": 1})
+    command = [sys.executable, "-m", "tuneprod.cli", "search", str(space), "--storage", str(tmp_path / "runs")]
+    runs = [subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=tmp_path)
+            for _ in range(2)]  # each starts a Ray of its own on this machine
+    outputs = [run.communicate(timeout=600)[0] for run in runs]
+    assert [run.returncode for run in runs] == [0, 0], outputs
+    for name in ("shrunk_demo", "shrunk_demo_2"):
+        experiment = tmp_path / "runs" / name
+        assert len(pd.read_parquet(experiment / "trials.parquet")) == 2
+        assert len(pd.read_csv(experiment / "predictions.csv")) == 6 and (experiment / "report.html").is_file()

@@ -174,3 +174,15 @@ def test_auto_packing_measures_once_on_a_gpu_and_falls_back_to_whole_gpus(ray_wi
     fallback = tuner._trainable(spec, data, None, said.append)._resources
     assert fallback.required_resources == {"CPU": 1, "GPU": 1}
     assert any("GPU measurement failed (RuntimeError: CUDA error: no kernel image" in line for line in said), said
+
+
+def test_searches_started_at_once_with_one_name_get_a_folder_each(tmp_path):
+    from concurrent.futures import ThreadPoolExecutor
+
+    from tuneprod.tuning.tuner import claim_experiment_dir
+
+    spec = spec_of().placed(tmp_path / "runs" / "demo")
+    with ThreadPoolExecutor(8) as pool:
+        claimed = list(pool.map(lambda _: claim_experiment_dir(spec).experiment_dir, range(8)))
+    assert sorted(p.name for p in claimed) == sorted(["demo"] + [f"demo_{n}" for n in range(2, 9)])
+    assert all((p / "search_space.yaml").read_text().startswith("data:") for p in claimed)

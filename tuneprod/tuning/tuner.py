@@ -45,13 +45,21 @@ class SearchOutcome:
     images: DecodedImages  # the readable labelled images, so that the retrain need not index them again
 
 
-def free_experiment_dir(spec: Spec) -> Spec:
-    """Never mixes two searches in one folder: a taken name gets a numeric suffix."""
+def claim_experiment_dir(spec: Spec) -> Spec:
+    """Never mixes two searches in one folder: a taken name gets a numeric suffix. The folder is claimed by creating
+    its spec file exclusively, so that two searches started at once with one name still get one folder each."""
     candidate, n = spec, 1
-    while (candidate.experiment_dir / EXPERIMENT_SPEC).exists():
-        n += 1
-        candidate = spec.placed(spec.storage / f"{spec.name}_{n}")
-    return candidate
+    while True:
+        candidate.experiment_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            with open(candidate.experiment_dir / EXPERIMENT_SPEC, "x"):
+                pass
+        except FileExistsError:
+            n += 1
+            candidate = spec.placed(spec.storage / f"{spec.name}_{n}")
+            continue
+        candidate.save(candidate.experiment_dir / EXPERIMENT_SPEC)
+        return candidate
 
 
 def run_search(spec: Spec, address: Optional[str] = None, progress: Callable[[str], None] = print,
@@ -64,9 +72,7 @@ def run_search(spec: Spec, address: Optional[str] = None, progress: Callable[[st
     trainable = _trainable(spec, data, address, progress)
     stopper = _budget(spec, data, images, grace, final and spec.final.enabled, progress)
     # Only now, with every check passed, does the experiment folder appear.
-    spec = free_experiment_dir(spec)
-    spec.experiment_dir.mkdir(parents=True, exist_ok=True)
-    spec.save(spec.experiment_dir / EXPERIMENT_SPEC)
+    spec = claim_experiment_dir(spec)
     progress(f"tuneprod: results go to {spec.experiment_dir}")
     scheduler = _scheduler(spec, grace, progress)
     searcher, max_concurrent = _searcher(spec, grace), spec.search.max_concurrent_trials
