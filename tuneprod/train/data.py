@@ -6,6 +6,7 @@ import os
 import re
 import stat
 import sys
+import warnings
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -104,11 +105,19 @@ def _groups_from_paths(pattern: str, paths: Sequence[Path], root: Path, columns:
 
 
 def _index_folder(root: Path, field: str) -> tuple[list[Path], list[str]]:
-    paths, names = [], []
+    paths, names, empty = [], [], []
     for class_dir in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
         images = list_images(class_dir)
         paths += images
         names += [class_dir.name] * len(images)
+        if not images:
+            empty.append(class_dir.name)
+    loose = [p for p in sorted(root.iterdir()) if p.is_file() and p.name.lower().endswith(IMAGE_EXTENSIONS)]
+    if empty:
+        warn(f"{field}: skipping {len(empty)} class folder(s) with no images: {', '.join(empty)}")
+    if loose and paths:
+        warn(f"{field}: skipping {len(loose)} image(s) outside any class folder (an image's class is the name of "
+             f"the folder it is in): {', '.join(p.name for p in loose[:5])}{' ...' if len(loose) > 5 else ''}")
     if not paths:
         raise DataError(f"{field}: the folder {root} holds no class sub-folders with images; expected "
                         f"{root}/<class>/*.jpg (extensions: {', '.join(IMAGE_EXTENSIONS)})")
@@ -135,9 +144,22 @@ def _index_manifest(manifest: Path, field: str) -> tuple[list[Path], list[str], 
         shown = ", ".join(str(p) for p in absent[:3])
         raise DataError(f"{field}: {len(absent)} file(s) listed in {manifest} do not exist (paths are relative "
                         f"to the manifest): {shown}{' ...' if len(absent) > 3 else ''}")
-    others = {str(column): [_cell(value) for value in table[column]] for column in table.columns
+    labels = [str(label) for label in table["label"]]
+    odd = sorted({label for label in labels if "|" in label or not label.strip()})
+    if odd:  # predictions.csv joins the top-5 labels with |
+        raise DataError(f"{field}: the manifest {manifest} has label(s) {', '.join(map(repr, odd[:3]))}; a label "
+                        f"must be non-empty and must not contain '|'")
+    first: dict[Path, int] = {}  # each image's first row
+    for i, (path, label) in enumerate(zip(paths, labels)):
+        if labels[first.setdefault(path, i)] != label:
+            raise DataError(f"{field}: the manifest {manifest} gives {path} two labels, {labels[first[path]]!r} and "
+                            f"{label!r}; an image has one")
+    keep = sorted(first.values())
+    if len(keep) < len(paths):  # the same image twice would sit on both sides of the validation split
+        warn(f"{field}: skipping {len(paths) - len(keep)} repeated row(s) of {manifest}")
+    others = {str(column): [_cell(table[column].iloc[i]) for i in keep] for column in table.columns
               if column not in ("path", "label")}
-    return paths, [str(label) for label in table["label"]], others
+    return [paths[i] for i in keep], [labels[i] for i in keep], others
 
 
 def _cell(value) -> str:
@@ -167,7 +189,9 @@ def open_image(path: Path) -> Image.Image:
     may never end. Follows links (a link to an image is read; a loop raises OSError)."""
     if not stat.S_ISREG(os.stat(path).st_mode):
         raise OSError(f"{path}: not a regular file")
-    return Image.open(path)
+    with warnings.catch_warnings():  # a large photo is no attack here: it is decoded scaled, or it is read and resized
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # (past twice the limit PIL still refuses it)
+        return Image.open(path)
 
 
 def is_readable(path: Path) -> bool:
@@ -186,6 +210,10 @@ def find_unreadable(paths: Sequence[Path]) -> list[Path]:
     with ThreadPoolExecutor(min(32, (os.cpu_count() or 1) * 2)) as pool:
         readable = list(pool.map(is_readable, paths))
     return [p for p, ok in zip(paths, readable) if not ok]
+
+
+def warn(text: str) -> None:
+    print(f"tuneprod: warning: {text}", file=sys.stderr)
 
 
 def warn_unreadable(unreadable: Sequence[Path]) -> None:
