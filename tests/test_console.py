@@ -103,3 +103,13 @@ def test_with_verbose_it_only_records_the_endings(tmp_path, clock):
     view.on_experiment_end(trials)
     assert out.getvalue() == ""
     assert json.loads((tmp_path / ENDINGS).read_text()) == {"t1": "cut by the time budget after epoch 2"}
+
+
+def test_a_lost_worker_is_one_line_saying_the_trial_is_retried(clock):
+    out = Pipe(tty=False)
+    view = SearchView(num_samples=2, metric="val_acc", mode="max", max_epochs=4, out=out)
+    lost = trial("t1", "PENDING", 2)
+    lost.run_metadata, lost.max_failures = SimpleNamespace(num_failures=1), 3
+    view.on_trial_recover(0, [lost], lost)
+    assert out.getvalue() == ("search: trial t1 lost its worker (a node or process died); retrying it from its last "
+                              "checkpoint (failure 1 of at most 3)\n")

@@ -78,6 +78,16 @@ class SearchView(tune.Callback):
     def on_trial_error(self, iteration, trials, trial, **info) -> None:
         self._ended(trial, failed=True)
 
+    def on_trial_recover(self, iteration, trials, trial, **info) -> None:
+        """Its worker process or node was lost (Ray retries only that): it goes on from its last checkpoint."""
+        if self.show:
+            print(f"{self._fresh_line()}search: trial {trial.trial_id} lost its worker (a node or process died); "
+                  f"retrying it from its last checkpoint (failure {trial.run_metadata.num_failures} of at most "
+                  f"{trial.max_failures})", file=self.out, flush=True)
+
+    def _fresh_line(self) -> str:
+        return "\r\x1b[K" if self.out.isatty() else ""
+
     def _ended(self, trial, failed: bool) -> None:
         last = trial.last_result or {}
         if FAILED in last:  # the trial's own failure, reported as its last result
@@ -109,7 +119,7 @@ class SearchView(tune.Callback):
 
     def on_experiment_end(self, trials, **info) -> None:
         if self.show:
-            print(("\r\x1b[K" if self.out.isatty() else "") + self.line(trials), file=self.out, flush=True)
+            print(self._fresh_line() + self.line(trials), file=self.out, flush=True)
 
     def line(self, trials) -> str:
         statuses = [trial.status for trial in trials]

@@ -343,6 +343,9 @@ def start_ray(address: Optional[str], progress: Callable[[str], None], verbose: 
         return
     if not verbose:
         logging.getLogger("ray").setLevel(logging.ERROR)
+        # Tune logs a trial's lost worker with Ray's traceback, and a stop with the trials not done: the console
+        # view says both in a line (a retry from the checkpoint; the resume command).
+        logging.getLogger("ray.tune").setLevel(logging.CRITICAL)
     try:
         context = ray.init(address=address, logging_level=logging.INFO if verbose else logging.ERROR,
                            log_to_driver=verbose)
