@@ -85,6 +85,11 @@ def main() -> None:
                 workers.append(cluster.add_node(num_cpus=1))
             elif kind == "trial":
                 running = trial_processes()
+                for _ in range(100):  # between epochs, or just after a kill, no trial may be running: wait for one
+                    if running or search.poll() is not None:
+                        break
+                    time.sleep(0.1)
+                    running = trial_processes()
                 if not running:
                     continue
                 rng.choice(running).kill()
