@@ -31,6 +31,11 @@ def cluster():
     cluster.shutdown()
 
 
+def checkpointed(experiment, epochs: int) -> set[str]:
+    """The trials with a checkpoint of at least this many epochs (checkpoint_000000 holds the first)."""
+    return {c.parent.name for c in experiment.glob("trial_*/checkpoint_*") if int(c.name.split("_")[-1]) >= epochs - 1}
+
+
 def test_a_search_survives_losing_a_worker_node(tmp_path, cluster):
     head, (kept, lost) = cluster
     generate_demo(tmp_path / "demo", classes=3, train_per_class=6, test_per_class=2, size=32)
@@ -44,9 +49,9 @@ def test_a_search_survives_losing_a_worker_node(tmp_path, cluster):
     search.start()
     deadline = time.monotonic() + 180
     # Both trials under way (one per worker node), each with a few epochs checkpointed.
-    while len(list(experiment.glob("trial_*/checkpoint_00000[3-9]"))) < 2 and time.monotonic() < deadline:
+    while len(checkpointed(experiment, epochs=3)) < 2 and time.monotonic() < deadline:
         time.sleep(0.05)
-    assert len(list(experiment.glob("trial_*/checkpoint_*"))) == 2
+    assert len(checkpointed(experiment, epochs=3)) == 2
     head.remove_node(lost)
     search.join(timeout=600)
     assert not search.is_alive() and "result" in outcome
