@@ -1,5 +1,6 @@
 """The decoded-image cache: what invalidates it, that a build is all-or-nothing, unreadable images, sharing."""
 import os
+import signal
 import threading
 import time
 
@@ -7,7 +8,7 @@ import numpy as np
 import pytest
 
 from tests.helpers import write_image_folder
-from tuneprod.train import cache
+from tuneprod.train import cache, watchdog
 from tuneprod.train.cache import DecodedCache, decoded, fingerprint
 from tuneprod.train.data import DataError, decode_resized, index_images, validation_split
 
@@ -48,13 +49,13 @@ def test_store_holds_what_decode_resized_gives(image_set):
 
 
 def test_an_interrupted_build_is_never_used_and_is_cleaned_up(image_set, monkeypatch, tmp_path):
-    calls = {"n": 0}
     real = cache.decode_resized
+    main = os.getpid()  # the decoding runs in worker processes or threads; Ctrl-C reaches the main thread
 
     def dies_half_way(path, size):
-        calls["n"] += 1
-        if calls["n"] == len(image_set) // 2:
-            raise KeyboardInterrupt  # Ctrl-C, or the process killed, mid-build
+        if path == image_set.paths[len(image_set) // 2]:
+            os.kill(main, signal.SIGINT)
+            time.sleep(5)
         return real(path, size)
 
     store = DecodedCache.of(image_set.paths, 16, tmp_path / "c")
@@ -144,20 +145,26 @@ def test_readers_never_build(image_set, tmp_path):
     assert not store.ready()
 
 
-def test_processes_decode_only_where_forking_is_safe(monkeypatch):
-    from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
-
-    monkeypatch.setattr(cache.threading, "active_count", lambda: 1)  # as if the earlier tests left no threads
-    assert isinstance(cache._pool(2, many=True), ProcessPoolExecutor)
-    assert isinstance(cache._pool(2, many=False), ThreadPoolExecutor)  # a small set: done before forks start
-    monkeypatch.setattr(cache.threading, "active_count", lambda: 2)  # as in a Ray worker, which runs threads
-    assert isinstance(cache._pool(2, many=True), ThreadPoolExecutor)
-
-
 def test_a_large_set_is_decoded_by_processes_into_the_same_store(tmp_path, monkeypatch):
-    monkeypatch.setattr(cache, "PROCESSES_FROM", 10)
-    monkeypatch.setattr(cache.threading, "active_count", lambda: 1)
+    monkeypatch.setattr(watchdog.threading, "active_count", lambda: 1)  # as if the earlier tests left no threads
     image_set = index_images(write_image_folder(tmp_path / "i", per_class=8))
     images = decoded(image_set, 20, tmp_path / "c")
     assert all(np.array_equal(images.cache.images()[r], decode_resized(image_set.paths[r], 20))
                for r in range(len(image_set)))
+
+
+@pytest.mark.parametrize("processes", [True, False])
+def test_an_image_too_slow_to_decode_counts_as_unreadable(image_set, monkeypatch, tmp_path, capsys, processes):
+    monkeypatch.setattr(watchdog.threading, "active_count", lambda: 1 if processes else 2)
+    monkeypatch.setattr(cache, "DECODE_TIMEOUT_S", 0.5)
+    slow, real = image_set.paths[3], cache.decode_resized
+
+    def stalls_on_one(path, size):
+        if path == slow:
+            time.sleep(20)  # far past the bound: without it the image would decode, only late
+        return real(path, size)
+
+    monkeypatch.setattr(cache, "decode_resized", stalls_on_one)
+    images = decoded(image_set, 16, tmp_path / "c")
+    assert 3 not in images.rows and len(images) == len(image_set) - 1
+    assert f"took longer than 0.5 s to decode and count as unreadable: {slow}" in capsys.readouterr().err

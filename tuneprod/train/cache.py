@@ -13,12 +13,9 @@ import contextlib
 import fcntl
 import hashlib
 import json
-import multiprocessing
 import os
 import shutil
-import threading
 import time
-from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator, Optional, Sequence
@@ -27,13 +24,14 @@ import numpy as np
 
 from tuneprod.demo import generate_demo
 from tuneprod.spec import Spec
-from tuneprod.train.data import DataError, ImageSet, check_class_sizes, decode_resized, index_images, warn_unreadable
+from tuneprod.train.data import (DECODE_TIMEOUT_S, DataError, ImageSet, check_class_sizes, decode_resized, index_images,
+                                 warn, warn_unreadable)
+from tuneprod.train.watchdog import DONE, TIMED_OUT, run_bounded
 
 FORMAT_VERSION = 1  # bump when decode_resized or the layout changes: old stores then stop matching
 DEFAULT_ROOT = "~/.cache/tuneprod"
 IMAGES, READABLE, META = "images.npy", "readable.npy", "meta.json"
-CHUNK = 64  # images per decoding task
-PROCESSES_FROM = 1000  # images; fewer are decoded by threads
+LARGE = 1000  # images: a build this size shows its progress
 
 _open_arrays: dict[Path, np.ndarray] = {}  # per process: every dataset over a store shares one mapping
 
@@ -129,32 +127,34 @@ class DecodedCache:
         store = np.lib.format.open_memmap(target, mode="w+", dtype=np.uint8, shape=(count, self.size, self.size, 3))
         data_offset = store.offset  # where the rows start, after the .npy header
         del store
-        readable = np.zeros(count, dtype=bool)
         progress(f"tuneprod: decoding {count} images once at {self.size} px into the cache in "
                  f"{self.root.expanduser()}")
-        with _pool(workers, many=count >= PROCESSES_FROM) as pool:
-            chunks = [pool.submit(_decode_rows, target, data_offset, self.paths[start:start + CHUNK], start,
-                                  self.size) for start in range(0, count, CHUNK)]
+        row_bytes = self.size * self.size * 3
+        tenth = max(1, count // 10)
+        shown = [0]
+
+        def decode_row(row: int) -> bool:
+            pixels = decode_resized(self.paths[row], self.size)
+            # pwrite, not a writable mapping: writing through a map faults in every fresh page, which serialises
+            # the workers in the kernel.
+            descriptor = os.open(target, os.O_WRONLY)
             try:
-                for done, chunk in enumerate(as_completed(chunks), start=1):
-                    start, decoded_ok = chunk.result()
-                    readable[start:start + len(decoded_ok)] = decoded_ok
-                    if count >= PROCESSES_FROM and done % max(1, len(chunks) // 10) == 0:
-                        progress(f"tuneprod: decoded {min(done * CHUNK, count)}/{count}")
-            except BaseException:
-                pool.shutdown(cancel_futures=True)  # stop now, not after the remaining chunks
-                raise
-        return readable
+                _write_at(descriptor, np.ascontiguousarray(pixels).data.cast("B"), data_offset + row * row_bytes)
+            finally:
+                os.close(descriptor)
+            return True
 
+        def show(done: int) -> None:
+            if count >= LARGE and done // tenth > shown[0]:
+                shown[0] = done // tenth
+                progress(f"tuneprod: decoded {done}/{count}")
 
-def _pool(workers: int, many: bool):
-    """PIL holds the GIL while it parses each file's headers, which caps threads at a few cores; forked processes
-    scale with cores. Threads where forking is unsafe or impossible (a process with other threads, such as a Ray
-    worker, or a daemonic DataLoader worker) and for small sets, done before processes would have started."""
-    can_fork = threading.active_count() == 1 and not multiprocessing.current_process().daemon
-    if many and workers > 1 and can_fork:
-        return ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork"))
-    return ThreadPoolExecutor(workers)
+        outcome = run_bounded(decode_row, count, workers, DECODE_TIMEOUT_S, show)
+        slow = [str(self.paths[i]) for i in np.flatnonzero(outcome == TIMED_OUT)]
+        if slow:
+            warn(f"{len(slow)} image(s) took longer than {DECODE_TIMEOUT_S:g} s to decode and count as unreadable: "
+                 f"{', '.join(slow[:5])}{' ...' if len(slow) > 5 else ''}")
+        return outcome == DONE
 
 
 def _fsync(path: Path) -> None:
@@ -163,26 +163,6 @@ def _fsync(path: Path) -> None:
         os.fsync(descriptor)
     finally:
         os.close(descriptor)
-
-
-def _decode_rows(target: Path, data_offset: int, paths: Sequence[Path], start: int,
-                 size: int) -> tuple[int, list[bool]]:
-    """Decodes `paths` into rows start.. of the store, whose rows begin `data_offset` bytes into the file; says
-    which decoded."""
-    row_bytes = size * size * 3
-    decoded_ok = []
-    # pwrite, not a writable mapping: writing through a map faults in every fresh page, which serialises the
-    # workers in the kernel.
-    with open(target, "r+b") as store:
-        for row, path in enumerate(paths, start=start):
-            try:
-                pixels = decode_resized(path, size)
-            except Exception:  # PIL raises OSError, SyntaxError, ValueError, DecompressionBombError...
-                decoded_ok.append(False)
-                continue
-            _write_at(store.fileno(), np.ascontiguousarray(pixels).data.cast("B"), data_offset + row * row_bytes)
-            decoded_ok.append(True)
-    return start, decoded_ok
 
 
 def _write_at(descriptor: int, data: memoryview, offset: int) -> None:

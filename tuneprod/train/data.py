@@ -7,7 +7,6 @@ import re
 import stat
 import sys
 import warnings
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Sequence
@@ -18,9 +17,11 @@ import torch
 from PIL import Image, ImageOps
 
 from tuneprod.spec import Spec, UserError
+from tuneprod.train.watchdog import DONE, run_bounded
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
 MANIFEST_EXTENSIONS = (".csv", ".parquet")
+DECODE_TIMEOUT_S = 30.0  # an image slower than this to decode counts as unreadable (a photo takes milliseconds)
 
 
 class DataError(UserError):
@@ -206,10 +207,9 @@ def is_readable(path: Path) -> bool:
 
 
 def find_unreadable(paths: Sequence[Path]) -> list[Path]:
-    # Threads suffice: PIL releases the GIL while decoding.
-    with ThreadPoolExecutor(min(32, (os.cpu_count() or 1) * 2)) as pool:
-        readable = list(pool.map(is_readable, paths))
-    return [p for p, ok in zip(paths, readable) if not ok]
+    """Files that do not decode, or take longer than DECODE_TIMEOUT_S to."""
+    outcome = run_bounded(lambda i: is_readable(paths[i]), len(paths), os.cpu_count() or 1, DECODE_TIMEOUT_S)
+    return [p for p, result in zip(paths, outcome) if result != DONE]
 
 
 def warn(text: str) -> None:
