@@ -2,13 +2,19 @@
 on this machine with ray.cluster_utils.Cluster: a head with no CPUs (it runs the driver only, as cluster.yaml's
 does) and two 1-CPU worker nodes. One worker node is removed in the middle of the search: its trial resumes on the
 other from its checkpoint, and the search, the final stage and the predictions complete. Slow (a few minutes)."""
+import contextlib
 import json
+import os
+import shutil
 import subprocess
 import sys
+import tempfile
 import threading
 import time
+from pathlib import Path
 
 import pandas as pd
+import psutil
 import pytest
 import ray
 from ray.cluster_utils import Cluster
@@ -82,3 +88,43 @@ def test_two_searches_started_at_once_with_one_name_each_finish_in_their_own_fol
         experiment = tmp_path / "runs" / name
         assert len(pd.read_parquet(experiment / "trials.parquet")) == 2
         assert len(pd.read_csv(experiment / "predictions.csv")) == 6 and (experiment / "report.html").is_file()
+
+
+@pytest.fixture
+def ray_start_cluster():
+    """A `ray start --head` cluster of 2 CPUs, found the way Ray finds one (its temp folder, here a private one
+    given by RAY_TMPDIR, so that it holds no other test's Ray); its processes are ended by their tree, not with
+    `ray stop`, which would end every Ray on the machine."""
+    temp = Path(tempfile.mkdtemp(prefix="rs", dir="/tmp"))  # short: Ray's socket paths must fit in 107 bytes
+    env = {**os.environ, "RAY_TMPDIR": str(temp)}
+    subprocess.run(["ray", "start", "--head", "--num-cpus=2", "--port=0", "--include-dashboard=false",
+                    "--disable-usage-stats"], env=env, check=True, capture_output=True, timeout=120)
+    session = (temp / "ray" / "session_latest").resolve()
+    yield env, session
+    ours = [p for p in psutil.process_iter(["cmdline"]) if str(temp) in " ".join(p.info["cmdline"] or [])]
+    for process in ours + [child for p in ours for child in p.children(recursive=True)]:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            process.kill()
+    shutil.rmtree(temp, ignore_errors=True)
+
+
+def test_a_search_joins_a_running_ray_start_cluster_and_local_starts_its_own(tmp_path, ray_start_cluster):
+    env, session = ray_start_cluster
+    generate_demo(tmp_path / "demo", classes=3, train_per_class=6, test_per_class=2, size=32)
+    space = shrunk_space("demo.yaml", tmp_path, data={"demo": str(tmp_path / "demo"), "image_size": 32},
+                         search={"num_samples": 2, "scheduler": {"type": "fifo", "max_epochs": 2}},
+                         final={"members": 1, "seeds": 1})
+    command = [sys.executable, "-m", "tuneprod.cli", "search", str(space), "--storage", str(tmp_path / "runs")]
+    joins = subprocess.Popen(command + ["--name", "joins"], env=env, stdout=subprocess.PIPE,
+                             stderr=subprocess.STDOUT, text=True, cwd=tmp_path)
+    alone = subprocess.Popen(command + ["--name", "alone", "--address", "local"], env=env, stdout=subprocess.PIPE,
+                             stderr=subprocess.STDOUT, text=True, cwd=tmp_path)
+    outputs = [run.communicate(timeout=600)[0] for run in (joins, alone)]
+    assert [joins.returncode, alone.returncode] == [0, 0], outputs
+    for name in ("joins", "alone"):
+        experiment = tmp_path / "runs" / name
+        assert len(pd.read_parquet(experiment / "trials.parquet")) == 2
+        assert len(pd.read_csv(experiment / "predictions.csv")) == 6
+    # A driver that joins a cluster logs into that cluster's session folder, under its process id.
+    drivers = " ".join(p.name for p in (session / "logs").glob("python-core-driver-*"))
+    assert f"_{joins.pid}." in drivers and f"_{alone.pid}." not in drivers, drivers
