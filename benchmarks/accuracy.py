@@ -146,7 +146,7 @@ def seed_recipe(folder: Path, work: Path, budget: float) -> dict:
         metrics = run.step()
         if time.perf_counter() - started > budget - 5:  # epochs slower than the timed one: the budget ends it
             break
-    model_dir = artifact.save(work / "seed_model", run.model, images.classes, run.preprocessing, run.config, {})
+    model_dir = artifact.save(work / "seed_model", run.final_model(), images.classes, run.preprocessing, run.config, {})
     report = predict(model_dir, folder / "test", work / "seed_predictions.csv", tta=(), progress=lambda _: None)
     return {"test_acc": report.accuracy, "wall_s": time.perf_counter() - started, "val_acc": metrics["val_acc"],
             "note": f"{run.epoch} of {epochs} epochs"}

@@ -37,6 +37,12 @@ AUGMENT_POLICIES = ("none", "light", "medium", "heavy", "viewpoint")
 AUGMENT_DEVICES = ("gpu", "cpu")
 OPTIMIZERS = ("adamw", "adam", "sgd")
 LR_SCHEDULES = ("cosine", "step", "exponential", "constant")
+POOLINGS = ("avg", "gem")
+HEADS = ("linear", "cosine", "arcface")
+EMBEDDING_HEADS = ("cosine", "arcface")
+# head: the head's cosines (or logits); knn / centroid: similarity to the training images' embeddings.
+PREDICTION_RULES = ("head", "knn", "centroid")
+FINETUNE_SCHEDULES = ("full", "lp-ft")
 DISTRIBUTIONS = ("choice", "uniform", "loguniform", "int")
 # Test-time views, averaged: flip mirrors every view; scale adds a centre zoom; crops adds the four corners.
 TTA_VIEWS = ("flip", "scale", "crops")
@@ -64,6 +70,25 @@ class Hyperparams:
     mixup_alpha: float = 0.0
     cutmix_alpha: float = 0.0
     mix_prob: float = 1.0
+    pooling: str = "avg"
+    gem_p: float = 3.0
+    gem_learnable: bool = True
+    head: str = "linear"
+    embedding_size: int = 512
+    scale: float = 30.0
+    margin: float = 0.3  # radians
+    subcenters: int = 1
+    predict_by: str = "head"
+    knn_k: int = 5
+    fusion: float = 0.5  # the head's share when predicting by the gallery
+    finetune: str = "full"
+    probe_epochs: int = 1  # lp-ft: epochs with the body frozen
+    layer_decay: float = 1.0
+    ema_decay: float = 0.0  # 0: no moving average
+
+    @property
+    def predicts_by_gallery(self) -> bool:
+        return self.head in EMBEDDING_HEADS and self.predict_by != "head"
 
     @classmethod
     def from_params(cls, params: dict) -> "Hyperparams":
@@ -142,6 +167,34 @@ PARAMS: dict[str, Param] = {
     "mixup_alpha": Param(float, ge=0),
     "cutmix_alpha": Param(float, ge=0),
     "mix_prob": Param(float, ge=0, le=1),
+    "pooling": Param(str, choices=POOLINGS),
+    "gem_p": Param(float, ge=1, le=16),
+    "gem_learnable": Param(bool),
+    "head": Param(str, choices=HEADS),
+    "embedding_size": Param(int, ge=8),
+    "scale": Param(float, gt=0, le=100),
+    "margin": Param(float, ge=0, le=1.5),
+    "subcenters": Param(int, ge=1, le=16),
+    "predict_by": Param(str, choices=PREDICTION_RULES),
+    "knn_k": Param(int, ge=1),
+    "fusion": Param(float, ge=0, le=1),
+    "finetune": Param(str, choices=FINETUNE_SCHEDULES),
+    "probe_epochs": Param(int, ge=1),
+    "layer_decay": Param(float, gt=0, le=1),
+    "ema_decay": Param(float, ge=0, lt=1),
+}
+# Parameters that act only when another one takes certain values.
+APPLIES_WHEN: dict[str, tuple[str, tuple]] = {
+    "gem_p": ("pooling", ("gem",)),
+    "gem_learnable": ("pooling", ("gem",)),
+    "embedding_size": ("head", EMBEDDING_HEADS),
+    "scale": ("head", EMBEDDING_HEADS),
+    "subcenters": ("head", EMBEDDING_HEADS),
+    "predict_by": ("head", EMBEDDING_HEADS),
+    "margin": ("head", ("arcface",)),
+    "knn_k": ("predict_by", ("knn",)),
+    "fusion": ("predict_by", ("knn", "centroid")),
+    "probe_epochs": ("finetune", ("lp-ft",)),
 }
 
 
@@ -519,7 +572,20 @@ def parse_space(raw: dict) -> Space:
             fixed[name] = PARAMS[name].normalised(entry)
     space = Space(_conditions_first(dimensions), fixed)
     _check_conditions(space)
+    _check_applicable(space)
     return space
+
+
+def _check_applicable(space: Space) -> None:
+    """A parameter of a head or schedule the space never uses would be searched (or set) for nothing."""
+    for name in space.names():
+        if name in APPLIES_WHEN:
+            other, allowed = APPLIES_WHEN[name]
+            possible = space.values_of(other)
+            if not set(possible) & set(allowed):
+                raise ValueError(f"space.{name}: applies only when {other} is {' or '.join(allowed)}, but "
+                                 f"space.{other} never is (it takes {list(possible)}); set space.{other} to use it, "
+                                 f"or remove {name}")
 
 
 def _check_conditions(space: Space) -> None:

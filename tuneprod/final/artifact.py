@@ -19,7 +19,7 @@ import torch
 from safetensors.torch import load_model, save_model
 
 from tuneprod.spec import TTA_VIEWS, Hyperparams, TrialConfig, UserError
-from tuneprod.train.models import create_model
+from tuneprod.train.heads import build_model
 
 FORMAT = "tuneprod-model/1"
 ENSEMBLE_FORMAT = "tuneprod-ensemble/1"
@@ -129,8 +129,7 @@ def load_member(folder: Path, device: torch.device, name: str) -> Member:
                             f"pass an experiment's final/ folder, e.g. tuneprod_runs/demo/final")
     metadata = _read_json(folder / METADATA, FORMAT)
     hp = Hyperparams(**metadata["hyperparams"])
-    model = create_model(hp.backbone, len(metadata["classes"]), pretrained=False, dropout=hp.dropout,
-                         image_size=metadata["preprocessing"]["image_size"])
+    model = build_model(hp, len(metadata["classes"]), metadata["preprocessing"]["image_size"], pretrained=False)
     load_model(model, str(folder / WEIGHTS), device=str(device))
     return Member(name, model.to(device).eval(), metadata)
 

@@ -24,7 +24,7 @@ from tuneprod.spec import EXPERIMENT_SPEC, Hyperparams, Spec, TrialConfig, UserE
 from tuneprod.train.cache import DecodedImages, labelled_images
 from tuneprod.train.data import check_test_images
 from tuneprod.train.loop import NonFiniteLoss, TrainingRun
-from tuneprod.train.models import create_model
+from tuneprod.train.heads import build_model
 from tuneprod.tuning import results
 
 FINAL = "final"
@@ -80,7 +80,7 @@ def train_member(plan: MemberPlan, images: DecodedImages, folder: Path, device: 
                                f"at epoch {run.epoch + 1}: {type(exc).__name__}: {str(exc).splitlines()[0]}") from None
         progress(f"final: {plan.name} epoch {metrics['epoch']}/{plan.config.epochs}  "
                  f"train_loss {metrics['train_loss']:.4f}  {metrics['images_per_s']:.0f} img/s")
-    return artifact.write_model(folder, run.model, images.classes, run.preprocessing, plan.config,
+    return artifact.write_model(folder, run.final_model(), images.classes, run.preprocessing, plan.config,
                                 {"trained_on_images": len(images), "source_trial": plan.trial_id,
                                  f"trial_{plan.metric}": plan.trial_value})
 
@@ -133,7 +133,7 @@ def soup_groups(plans: list[MemberPlan]) -> list[list[MemberPlan]]:
     scratch start from different random weights and end in different basins, where an average is meaningless."""
     groups: dict[str, list[MemberPlan]] = {}
     for plan in plans:
-        if plan.config.hp.pretrained:
+        if plan.config.hp.pretrained and not plan.config.hp.predicts_by_gallery:  # a gallery is no average
             groups.setdefault(plan.config.hp.backbone, []).append(plan)
     return [group for group in groups.values() if len(group) > 1]
 
@@ -144,8 +144,7 @@ def make_soups(plans: list[MemberPlan], folder: Path, classes: tuple[str, ...]) 
     for number, group in enumerate(soup_groups(plans), start=1):
         states = [load_file(str(folder / plan.name / artifact.WEIGHTS)) for plan in group]
         first = group[0]
-        model = create_model(first.config.hp.backbone, len(classes), pretrained=False,
-                             dropout=first.config.hp.dropout, image_size=first.config.image_size)
+        model = build_model(first.config.hp, len(classes), first.config.image_size, pretrained=False)
         model.load_state_dict(soup(states))
         preprocessing = json.loads((folder / first.name / artifact.METADATA).read_text())["preprocessing"]
         name = f"soup_{number}"

@@ -8,11 +8,14 @@ from typing import Iterable, Iterator, Optional
 import numpy as np
 import torch
 import torch.nn.functional as F
+from timm.optim import param_groups_layer_decay
+from timm.utils import ModelEmaV3
 
 from tuneprod.spec import Hyperparams, TrialConfig
 from tuneprod.train.augment import mix_batch
 from tuneprod.train.cache import DecodedImages
-from tuneprod.train.models import create_model, preprocessing
+from tuneprod.train.heads import HeadedModel, build_model, freeze_body
+from tuneprod.train.models import preprocessing
 from tuneprod.train.pipeline import evaluation_batches, training_batches
 
 LOSS_CHECK_EVERY = 25  # steps between reading the summed loss back from the device
@@ -40,8 +43,26 @@ def lr_factor(schedule: str, progress: float, horizon: float, warmup: float) -> 
     return 1.0
 
 
+def parameter_groups(model: torch.nn.Module, hp: Hyperparams) -> list[dict]:
+    """Every parameter once, at hp.lr; with layer_decay < 1, timm's grouping of the body into blocks, each block's
+    lr scaled by layer_decay per block below the top (the head, neck and GeM at the full lr). Weight decay applies
+    to every parameter either way."""
+    if hp.layer_decay >= 1:
+        return [{"params": list(model.parameters())}]
+    body = model.body if isinstance(model, HeadedModel) else model
+    groups = param_groups_layer_decay(body, weight_decay=hp.weight_decay, layer_decay=hp.layer_decay,
+                                      weight_decay_exclude_1d=False)
+    grouped = {id(p) for group in groups for p in group["params"]}
+    rest = [p for p in model.parameters() if id(p) not in grouped]
+    if rest:
+        groups.append({"params": rest, "lr_scale": 1.0, "weight_decay": hp.weight_decay})
+    # LambdaLR scales each group's own starting lr, so the per-block ratios hold through the schedule.
+    return [{"params": group["params"], "weight_decay": group["weight_decay"], "lr": hp.lr * group["lr_scale"]}
+            for group in groups]
+
+
 def build_optimizer(model: torch.nn.Module, hp: Hyperparams) -> torch.optim.Optimizer:
-    params = model.parameters()
+    params = parameter_groups(model, hp)
     if hp.optimizer == "sgd":
         return torch.optim.SGD(params, lr=hp.lr, momentum=hp.momentum, nesterov=hp.nesterov and hp.momentum > 0,
                                weight_decay=hp.weight_decay)
@@ -82,7 +103,7 @@ class TrainingRun:
         self.config, self.classes = config, classes
         self.device = device or default_device()
         hp = config.hp
-        self.model = create_model(hp.backbone, len(classes), hp.pretrained, hp.dropout, config.image_size)
+        self.model = build_model(hp, len(classes), config.image_size)
         if config.weights_seed != config.seed:
             torch.manual_seed(config.seed)
         self.preprocessing = {"image_size": config.image_size, **preprocessing(self.model)}
@@ -94,7 +115,12 @@ class TrainingRun:
         self.train_batches = training_batches(train, config, self.batch_size, mean, std, self.device)
         self.val_batches = None if val is None else evaluation_batches(val, self.batch_size * 2, mean, std,
                                                                        self.device)
+        self.train_images = train
         self.optimizer = build_optimizer(self.model, hp)
+        # The moving average is what is evaluated and handed over; its decay warms up (timm's schedule), so that
+        # short runs average recent weights rather than the initial ones.
+        self.ema = ModelEmaV3(self.model, decay=hp.ema_decay, use_warmup=True) if hp.ema_decay > 0 else None
+        self.targets_in_forward = getattr(self.model, "uses_targets", False)
         steps_per_epoch = len(self.train_batches)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer,
@@ -115,6 +141,8 @@ class TrainingRun:
     def train_epoch(self) -> dict:
         hp, model = self.config.hp, self.model
         model.train()
+        if hp.finetune == "lp-ft":  # a linear probe first: the head learns before it can disturb the body
+            freeze_body(model, self.epoch < hp.probe_epochs)
         # The loss is summed on the device and read back only every few steps: reading it waits for the GPU,
         # which would then idle while the host prepares the next batch.
         total_loss, seen, started = torch.zeros((), device=self.device), 0, time.perf_counter()
@@ -122,19 +150,22 @@ class TrainingRun:
             images, targets = mix_batch(images, labels, len(self.classes), hp.mixup_alpha, hp.cutmix_alpha,
                                         hp.mix_prob, self.mix_rng)
             with autocast(self.amp_dtype):
-                loss = F.cross_entropy(model(images).float(), targets, label_smoothing=hp.label_smoothing)
+                logits = model(images, targets) if self.targets_in_forward else model(images)
+                loss = F.cross_entropy(logits.float(), targets, label_smoothing=hp.label_smoothing)
             self.optimizer.zero_grad(set_to_none=True)
             self.scaler.scale(loss).backward()
             self.scaler.step(self.optimizer)
             self.scaler.update()
             self.scheduler.step()
+            if self.ema is not None:
+                self.ema.update(model, step=self.scheduler.last_epoch)
             total_loss += loss.detach() * len(images)
             seen += len(images)
             if step % LOSS_CHECK_EVERY == 0:
                 self._check_finite(total_loss)
         mean_loss = self._check_finite(total_loss) / max(seen, 1)
         elapsed = time.perf_counter() - started
-        return {"train_loss": mean_loss, "lr": self.optimizer.param_groups[0]["lr"],
+        return {"train_loss": mean_loss, "lr": max(group["lr"] for group in self.optimizer.param_groups),
                 "images_per_s": seen / elapsed if elapsed > 0 else 0.0}
 
     def _check_finite(self, total_loss: torch.Tensor) -> float:
@@ -144,21 +175,50 @@ class TrainingRun:
                                 f"(lr {self.optimizer.param_groups[0]['lr']:.3g}); a lower lr usually helps")
         return value
 
+    @property
+    def eval_model(self) -> torch.nn.Module:
+        """The weights evaluated and handed over: the moving average when there is one."""
+        return self.ema.module if self.ema is not None else self.model
+
     def evaluate(self) -> dict:
+        """Scores the validation set with the rule the final model predicts by (for a gallery rule, against the
+        training images as they are now embedded; the gallery is dropped afterwards, as training moves on)."""
+        model = self.eval_model
         total_loss, correct, seen, started = 0.0, 0, 0, time.perf_counter()
-        for logits, labels in predict_logits(self.model, self.val_batches.epoch(), self.device):
-            labels = labels.to(self.device)
-            total_loss += F.cross_entropy(logits, labels, reduction="sum").item()
-            correct += (logits.argmax(1) == labels).sum().item()
-            seen += len(labels)
+        if getattr(model, "needs_gallery", False):
+            model.set_gallery(self._gallery_batches())
+        try:
+            for logits, labels in predict_logits(model, self.val_batches.epoch(), self.device):
+                labels = labels.to(self.device)
+                total_loss += F.cross_entropy(logits, labels, reduction="sum").item()
+                correct += (logits.argmax(1) == labels).sum().item()
+                seen += len(labels)
+        finally:
+            if getattr(model, "needs_gallery", False):
+                model.clear_gallery()
         elapsed = time.perf_counter() - started
         return {"val_loss": total_loss / seen, "val_acc": correct / seen,
                 "eval_images_per_s": seen / elapsed if elapsed > 0 else 0.0}
 
+    def final_model(self) -> torch.nn.Module:
+        """The trained model in eval mode, as it is saved: with its gallery (every training image embedded) when
+        it predicts by one."""
+        model = self.eval_model.eval()
+        if getattr(model, "needs_gallery", False):
+            model.set_gallery(self._gallery_batches())
+        return model
+
+    def _gallery_batches(self):
+        mean, std = self.preprocessing["mean"], self.preprocessing["std"]
+        return evaluation_batches(self.train_images, self.batch_size * 2, mean, std, self.device).epoch()
+
     def state_dict(self) -> dict:
-        return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
-                "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(), "epoch": self.epoch,
-                "mix_rng": self.mix_rng.bit_generator.state}
+        state = {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+                 "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(), "epoch": self.epoch,
+                 "mix_rng": self.mix_rng.bit_generator.state}
+        if self.ema is not None:
+            state["ema"] = self.ema.module.state_dict()
+        return state
 
     def load_state_dict(self, state: dict) -> None:
         self.model.load_state_dict(state["model"])
@@ -167,6 +227,8 @@ class TrainingRun:
         self.scaler.load_state_dict(state["scaler"])
         self.epoch = state["epoch"]
         self.mix_rng.bit_generator.state = state["mix_rng"]
+        if self.ema is not None:
+            self.ema.module.load_state_dict(state["ema"])
 
 
 def measure_speed(config: TrialConfig, classes: tuple[str, ...], train: DecodedImages, val: DecodedImages,

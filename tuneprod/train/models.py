@@ -25,10 +25,10 @@ class WeightsError(UserError):
 def create_model(backbone: str, num_classes: int, pretrained: bool, dropout: float,
                  image_size: int) -> torch.nn.Module:
     """A timm classifier with a fresh `num_classes` head; the body is pretrained when asked."""
-    size_kwargs = _size_kwargs(backbone, image_size)
-    model = timm.create_model(backbone, pretrained=False, num_classes=num_classes, drop_rate=dropout, **size_kwargs)
+    sizes = size_kwargs(backbone, image_size)
+    model = timm.create_model(backbone, pretrained=False, num_classes=num_classes, drop_rate=dropout, **sizes)
     if pretrained:
-        load_pretrained_body(model, backbone, size_kwargs)
+        load_pretrained_body(model, backbone, sizes)
     return model
 
 
@@ -39,15 +39,15 @@ def ensure_pretrained_weights(backbone: str, image_size: int) -> None:
     create_model(backbone, num_classes=1, pretrained=True, dropout=0.0, image_size=image_size)
 
 
-def _size_kwargs(backbone: str, image_size: int) -> dict:
+def size_kwargs(backbone: str, image_size: int) -> dict:
     # Models with a fixed input size (ViTs) are built for the run's size; timm resizes their position embedding.
     cfg = timm.models.get_pretrained_cfg(backbone)
     return {"img_size": image_size} if cfg is not None and cfg.fixed_input_size else {}
 
 
 def preprocessing(model: torch.nn.Module) -> dict:
-    """Normalisation the backbone's weights expect (timm's pretrained config)."""
-    config = timm.data.resolve_model_data_config(model)
+    """Normalisation the backbone's weights expect (timm's pretrained config; of the body, under a tuneprod head)."""
+    config = timm.data.resolve_model_data_config(getattr(model, "body", model))
     return {"mean": [float(v) for v in config["mean"]], "std": [float(v) for v in config["std"]]}
 
 
