@@ -26,10 +26,16 @@ gets the whole wall time that (b)/(c) took:
               pretrained lite0 start). And a second final stage on the same search, for the same wall time:
               the best configuration with 2 seeds instead of the 2 best configurations (soft vote, and soup).
 Prints a table per set and `final/seed: +X.X pts  final/single: +Y.Y pts` (means over the sets).
+
+--rows choices: each fine-tuning choice the space can search (heads, GeM, LP-FT, layer decay, EMA) applied to the
+search's best configuration, which is retrained on all labelled data for the same epochs with the same seed and
+scored alone with the mirror as its test-time view, against that configuration as searched: one model each, same
+data, same epochs. The choices take the literature's usual values, not values tuned here.
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import gzip
 import json
 import os
@@ -49,9 +55,9 @@ sys.path.insert(0, str(ROOT))
 from tuneprod.demo import generate_demo  # noqa: E402
 from tuneprod.final import artifact  # noqa: E402
 from tuneprod.final.inference import predict  # noqa: E402
-from tuneprod.final.stage import MemberPlan, make_soups  # noqa: E402
+from tuneprod.final.stage import MemberFailed, MemberPlan, load_experiment, make_soups, plan_members, train_member  # noqa: E402,E501
 from tuneprod.spec import Hyperparams, TrialConfig  # noqa: E402
-from tuneprod.train.cache import decoded  # noqa: E402
+from tuneprod.train.cache import decoded, labelled_images  # noqa: E402
 from tuneprod.train.data import index_images, validation_split  # noqa: E402
 from tuneprod.train.loop import TrainingRun  # noqa: E402
 
@@ -59,6 +65,20 @@ SIZE = 64
 BACKBONE = "tf_efficientnet_lite0"
 FASHION = Path("/usr/share/datasets/fashion-mnist")
 TTA_VARIANTS = ((), ("flip",), ("flip", "scale"), ("flip", "crops"))
+# Each choice at its usual value: Lotte 2021's 1st place (GeM p 3 learnable, 512-d neck, ArcFace s 45 m 0.4, top-5
+# kNN fused with the ArcFace cosines), LP-FT with one probe epoch, AutoGluon's layer decay 0.9, timm's EMA 0.999.
+CHOICES = {
+    "pooling: gem": {"pooling": "gem"},
+    "head: cosine": {"head": "cosine"},
+    "head: arcface": {"head": "arcface"},
+    "arcface + gem + knn (Lotte 1st)": {"head": "arcface", "pooling": "gem", "scale": 45.0, "margin": 0.4,
+                                        "predict_by": "knn", "knn_k": 5, "fusion": 0.5},
+    "arcface, by centroid": {"head": "arcface", "predict_by": "centroid"},
+    "finetune: lp-ft": {"finetune": "lp-ft", "probe_epochs": 1},
+    "layer_decay: 0.9": {"layer_decay": 0.9},
+    "ema_decay: 0.999": {"ema_decay": 0.999},
+}
+AS_SEARCHED = "as searched"
 
 
 # ---------------------------------------------------------------------------------------------------- sets
@@ -152,7 +172,7 @@ def seed_recipe(folder: Path, work: Path, budget: float) -> dict:
             "note": f"{run.epoch} of {epochs} epochs"}
 
 
-def tuneprod_search(name: str, folder: Path, work: Path, budget: float) -> dict:
+def tuneprod_search(name: str, folder: Path, work: Path, budget: float, variants: bool = True) -> dict:
     """(b) and (c): one search on search_spaces/cpu.yaml with `budget` seconds for trials, final stage and predictions."""
     import tuneprod
 
@@ -176,13 +196,36 @@ def tuneprod_search(name: str, folder: Path, work: Path, budget: float) -> dict:
         rows[views] = report
     ensemble = json.loads((final / "ensemble.json").read_text())
     default = rows[tuple(ensemble["tta"])]
-    return {"wall_s": wall, "trials": len(table), "best_val": outcome.best_value,
+    return {"experiment": outcome.experiment_dir, "wall_s": wall, "trials": len(table), "best_val": outcome.best_value,
             # One model with the mirror as its only test-time view: what tuneprod handed over before the final stage.
             "single": rows[("flip",)].member_accuracy.get("member_1", rows[("flip",)].accuracy),
             "final": default.accuracy,
             "tta": {"+".join(v) or "none": r.accuracy for v, r in rows.items()},
-            "soup": soup_accuracy(final, folder, work, ensemble), "members": len(ensemble["members"]),
-            "seeds": seeds_variant(outcome.experiment_dir, folder, work)}
+            "soup": soup_accuracy(final, folder, work, ensemble) if variants else None,
+            "members": len(ensemble["members"]),
+            "seeds": seeds_variant(outcome.experiment_dir, folder, work) if variants else None}
+
+
+def choice_rows(experiment: Path, folder: Path, work: Path) -> dict:
+    """The best configuration as searched, and with each of CHOICES: one model each on all labelled data, for the
+    epochs and with the seed the final stage gave member_1; test accuracy with the mirror, and wall time."""
+    spec = load_experiment(experiment)
+    best = plan_members(spec, experiment)[0]
+    images = labelled_images(spec, progress=lambda _: None)
+    rows = {}
+    for number, (name, change) in enumerate({AS_SEARCHED: {}, **CHOICES}.items()):
+        config = dataclasses.replace(best.config, hp=dataclasses.replace(best.config.hp, **change))
+        target = work / "choices" / f"choice_{number}"
+        started = time.perf_counter()
+        try:
+            train_member(dataclasses.replace(best, config=config), images, target, progress=lambda _: None)
+        except MemberFailed as exc:
+            rows[name] = {"test_acc": None, "wall_s": time.perf_counter() - started, "note": str(exc)}
+            continue
+        report = predict(target, folder / "test", work / "p.csv", tta=("flip",), progress=lambda _: None)
+        rows[name] = {"test_acc": report.accuracy, "wall_s": time.perf_counter() - started}
+        print(f"accuracy: {name}: {rows[name]}", flush=True)
+    return rows
 
 
 def seeds_variant(experiment: Path, folder: Path, work: Path) -> dict:
@@ -234,12 +277,16 @@ def main() -> None:
                         help="cpu.yaml's time_budget_s per set, the whole run (default: 320)")
     parser.add_argument("--sets", default="demo,fashion,digits")
     parser.add_argument("--work", type=Path, default=Path("accuracy_bench"))
+    parser.add_argument("--rows", default="methods,choices",
+                        help="methods: (a)/(b)/(c) and their variants; choices: the fine-tuning choices on the best "
+                             "configuration (default: both)")
     args = parser.parse_args()
+    rows = set(args.rows.split(","))
     import ray
 
     os.environ.setdefault("TUNEPROD_CACHE", str((args.work / "cache").absolute()))
     ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
-    results = {}
+    results, choices = {}, {}
     for name in args.sets.split(","):
         folder, skipped = make_set(name, args.work)
         if skipped:
@@ -248,14 +295,18 @@ def main() -> None:
         work = args.work / "work" / name
         shutil.rmtree(work, ignore_errors=True)
         work.mkdir(parents=True)
-        searched = tuneprod_search(name, folder, work, args.search_budget)
+        searched = tuneprod_search(name, folder, work, args.search_budget, variants="methods" in rows)
         print(f"accuracy: {name}: (b)/(c) {searched}", flush=True)
-        # The seed recipe gets the wall time the search and its final stage took, so all three spend the same.
-        seed = seed_recipe(folder, work, searched["wall_s"])
-        print(f"accuracy: {name}: (a) seed {seed}", flush=True)
-        results[name] = (seed, searched)
+        if "methods" in rows:
+            # The seed recipe gets the wall time the search and its final stage took, so all three spend the same.
+            seed = seed_recipe(folder, work, searched["wall_s"])
+            print(f"accuracy: {name}: (a) seed {seed}", flush=True)
+            results[name] = (seed, searched)
+        if "choices" in rows:
+            choices[name] = choice_rows(searched["experiment"], folder, work)
     ray.shutdown()
     report(results, args.search_budget)
+    report_choices(choices)
 
 
 def report(results: dict, budget: float) -> None:
@@ -278,6 +329,25 @@ def report(results: dict, budget: float) -> None:
         gains_single.append(searched["final"] - searched["single"])
     if results:
         print(f"\nfinal/seed: {100 * np.mean(gains_seed):+.1f} pts  final/single: {100 * np.mean(gains_single):+.1f} pts")
+
+
+def report_choices(choices: dict) -> None:
+    if not choices:
+        return
+    print("\nEach choice on the search's best configuration, retrained on all labelled data for the same epochs "
+          "(test accuracy, mirror TTA; points against the configuration as searched; wall time)\n")
+    print(f"{'choice':<34}" + "".join(f"{name:>24}" for name in choices))
+    for choice in [AS_SEARCHED, *CHOICES]:
+        cells = []
+        for rows in choices.values():
+            row, base = rows[choice], rows[AS_SEARCHED]["test_acc"]
+            if row["test_acc"] is None:
+                cells.append("failed")
+            elif choice == AS_SEARCHED or base is None:
+                cells.append(f"{row['test_acc']:.3f} ({row['wall_s']:.0f} s)")
+            else:
+                cells.append(f"{row['test_acc']:.3f} {100 * (row['test_acc'] - base):+5.1f} ({row['wall_s']:.0f} s)")
+        print(f"{choice:<34}" + "".join(f"{cell:>24}" for cell in cells))
 
 
 if __name__ == "__main__":

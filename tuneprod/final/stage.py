@@ -23,8 +23,8 @@ from tuneprod.final.inference import PredictionReport, predict
 from tuneprod.spec import EXPERIMENT_SPEC, Hyperparams, Spec, TrialConfig, UserError, load_spec
 from tuneprod.train.cache import DecodedImages, labelled_images
 from tuneprod.train.data import check_test_images
-from tuneprod.train.loop import NonFiniteLoss, TrainingRun
 from tuneprod.train.heads import build_model
+from tuneprod.train.loop import NonFiniteLoss, TrainingRun
 from tuneprod.tuning import results
 
 FINAL = "final"

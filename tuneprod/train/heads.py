@@ -64,8 +64,9 @@ class CosineHead(nn.Module):
         nn.init.xavier_uniform_(self.weight)
 
     def cosines(self, embeddings: torch.Tensor) -> torch.Tensor:
-        """Unit embeddings (B x dim) to cosines (B x classes)."""
-        cosines = embeddings @ F.normalize(self.weight.float(), dim=1).T
+        """Unit embeddings (B x dim) to cosines (B x classes), in float32 (see full_precision)."""
+        with full_precision(embeddings):
+            cosines = embeddings.float() @ F.normalize(self.weight.float(), dim=1).T
         return cosines.view(len(embeddings), self.num_classes, self.subcenters).amax(2)
 
     def forward(self, embeddings: torch.Tensor, targets: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -73,6 +74,12 @@ class CosineHead(nn.Module):
         if targets is not None and self.margin > 0:
             return self.scale * add_margin(cosines, targets, self.margin)
         return self.scale * cosines
+
+
+def full_precision(tensor: torch.Tensor):
+    """Autocast off: cosines in bfloat16 are good to about 0.004, coarse enough to reorder near neighbours and,
+    times the scale, to shift logits by a tenth."""
+    return torch.autocast(tensor.device.type, enabled=False)
 
 
 def add_margin(cosines: torch.Tensor, targets: torch.Tensor, margin: float) -> torch.Tensor:
@@ -88,7 +95,8 @@ def gallery_scores(embeddings: torch.Tensor, gallery: torch.Tensor, labels: torc
     knn: the k most similar gallery images (all of them when k exceeds the gallery) vote with their similarity;
     a class scores the sum of its votes divided by k (0 without a vote). centroid: the cosine to the class's mean
     gallery embedding (-1 for a class with no gallery image). Ties go to the lower class index (argmax)."""
-    similarities = embeddings @ gallery.T
+    with full_precision(embeddings):
+        similarities = embeddings.float() @ gallery.float().T
     if rule == "knn":
         top = similarities.topk(min(k, len(gallery)), dim=1)
         votes = torch.zeros(len(embeddings), num_classes, device=embeddings.device, dtype=similarities.dtype)
@@ -96,7 +104,8 @@ def gallery_scores(embeddings: torch.Tensor, gallery: torch.Tensor, labels: torc
     sums = torch.zeros(num_classes, gallery.shape[1], device=gallery.device, dtype=gallery.dtype)
     sums.index_add_(0, labels, gallery)
     present = torch.bincount(labels, minlength=num_classes) > 0
-    scores = embeddings @ F.normalize(sums, dim=1).T
+    with full_precision(embeddings):
+        scores = embeddings.float() @ F.normalize(sums.float(), dim=1).T
     return torch.where(present, scores, torch.full_like(scores, -1.0))
 
 
