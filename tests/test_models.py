@@ -50,3 +50,14 @@ def test_cpu_preset_weights_load_offline_from_the_lite_package():
     model = create_model("tf_efficientnet_lite0", 7, pretrained=True, dropout=0.0, image_size=64)
     first_conv = model.state_dict()["conv_stem.weight"]
     assert any(v.shape == first_conv.shape and torch.equal(v, first_conv) for v in shipped.values())
+
+
+def test_a_headed_model_gets_the_same_pretrained_body_from_the_lite_package():
+    from tuneprod.spec import Hyperparams
+    from tuneprod.train.heads import build_model
+
+    plain = create_model("tf_efficientnet_lite0", 7, pretrained=True, dropout=0.0, image_size=64).state_dict()
+    headed = build_model(Hyperparams(backbone="tf_efficientnet_lite0", pretrained=True, head="arcface",
+                                     pooling="gem"), 7, 64).state_dict()
+    body = {key[len("body."):]: value for key, value in headed.items() if key.startswith("body.")}
+    assert body and all(torch.equal(value, plain[key]) for key, value in body.items())

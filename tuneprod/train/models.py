@@ -114,9 +114,15 @@ def _hub_weights(backbone: str, size_kwargs: dict) -> dict:
 
 
 def _match_by_order(state: dict, target: dict, backbone: str) -> dict:
-    """Ports a checkpoint whose key names differ but whose tensors come in the same order and shapes."""
-    pairs = list(zip(state.items(), target.items()))
-    body_pairs = pairs[:-2]  # the last two are the classifier's weight and bias
-    if len(state) != len(target) or any(v.shape != t.shape for (_, v), (_, t) in body_pairs):
+    """Ports a checkpoint whose key names differ but whose tensors come in the same order and shapes. Its last two
+    tensors are the classifier's weight and bias; a target built without a classifier (a body under a tuneprod
+    head) takes the rest."""
+    source = list(state.items())
+    has_classifier = len(source) == len(target)
+    if not has_classifier and len(source) == len(target) + 2:
+        source = source[:-2]
+    pairs = list(zip(source, target.items()))
+    body_pairs = pairs[:-2] if has_classifier else pairs
+    if len(source) != len(target) or any(v.shape != t.shape for (_, v), (_, t) in body_pairs):
         raise WeightsError(f"space.pretrained: the weights found for {backbone} do not fit timm's {backbone}")
     return {target_key: value for (_, value), (target_key, _) in pairs}
