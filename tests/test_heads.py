@@ -230,3 +230,36 @@ def test_a_spec_with_a_head_validates_through_the_file(tmp_path):
     path.write_text("data: {demo: d}\nspace: {head: linear, scale: 20}\n")
     with pytest.raises(SpecError, match=r"s.yaml: space.scale: applies only when head is cosine or arcface"):
         load_spec(path)
+
+
+@pytest.mark.slow
+def test_a_search_over_heads_hands_over_a_model_with_its_gallery(tmp_path):
+    import json
+    import subprocess
+    import sys
+
+    import pandas as pd
+    from safetensors.torch import load_file
+
+    from tests.helpers import shrunk_space
+    from tuneprod.demo import generate_demo
+
+    generate_demo(tmp_path / "demo", classes=3, train_per_class=6, test_per_class=2, size=32)
+    space = shrunk_space("demo.yaml", tmp_path, data={"demo": str(tmp_path / "demo"), "image_size": 32},
+                         search={"num_samples": 2, "scheduler": {"type": "fifo", "max_epochs": 2}},
+                         final={"members": 2, "seeds": 1, "soup": True},
+                         space={"head": {"choice": ["cosine", "arcface"]}, "pooling": "gem", "embedding_size": 16,
+                                "predict_by": "knn", "finetune": "lp-ft", "ema_decay": 0.9, "layer_decay": 0.8})
+    done = subprocess.run([sys.executable, "-m", "tuneprod.cli", "search", str(space), "--storage",
+                           str(tmp_path / "runs")], capture_output=True, text=True, cwd=tmp_path, timeout=600)
+    assert done.returncode == 0, done.stdout + done.stderr
+    experiment = tmp_path / "runs" / "shrunk_demo"
+    table = pd.read_parquet(experiment / "trials.parquet")
+    assert len(table) == 2 and set(table["head"]) <= {"cosine", "arcface"} and table["val_acc"].notna().all()
+    ensemble = json.loads((experiment / "final" / "ensemble.json").read_text())
+    assert ensemble["soups"] == {}  # members that predict by their gallery are never averaged
+    for member in ensemble["members"]:
+        weights = load_file(str(experiment / "final" / member / "model.safetensors"))
+        assert weights["gallery"].shape == (18, 16) and weights["gallery_labels"].shape == (18,)
+    predictions = pd.read_csv(experiment / "predictions.csv")
+    assert len(predictions) == 6 and predictions["label"].notna().all()
