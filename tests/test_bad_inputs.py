@@ -109,6 +109,10 @@ CASES = {
     "test set: no images": (lambda r: [p.unlink() for p in (r / "test").iterdir()], "error",
                             ["data.test", "must be a folder holding images"]),
     "test set: a corrupt image": (lambda r: (r / "test/broken.jpg").write_bytes(b"nope"), "ok", []),
+    "test set: labels naming unknown classes": (lambda r: (r / "test/test_labels.csv").write_text(
+        "file,label\nt0.png,red\nt1.png,mauve\n"), "warn", ["no class for: mauve"]),
+    "test set: labels file without its columns": (lambda r: (r / "test/test_labels.csv").write_text("a,b\n1,2\n"),
+                                                  "error", ["test_labels.csv: must have columns file,label"]),
 }
 
 

@@ -22,7 +22,7 @@ from PIL import Image
 
 from tuneprod.files import atomic_write
 from tuneprod.final.artifact import ENSEMBLE, METADATA
-from tuneprod.final.inference import TEST_LABELS
+from tuneprod.train.data import TEST_LABELS
 from tuneprod.final.stage import FINAL, PREDICTIONS, load_experiment
 from tuneprod.spec import Spec, UserError
 from tuneprod.tuning import results

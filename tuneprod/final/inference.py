@@ -19,11 +19,11 @@ from tuneprod.train.data import (
     ResizedImages,
     find_unreadable,
     list_images,
+    read_test_labels,
     warn_unreadable,
 )
 from tuneprod.train.loop import amp_dtype, autocast, default_device
 
-TEST_LABELS = "test_labels.csv"
 TOP_K = 5
 
 
@@ -55,7 +55,7 @@ def predict(model_dir: Path, images: Path, out: Path, tta: Union[Sequence[str], 
     if not paths:
         raise DataError(f"{images}: no readable images to predict")
     files = [p.relative_to(root).as_posix() for p in paths]
-    truth = _truth(root)
+    truth = read_test_labels(root)
     # Every member is scored when there are labels to score it against; otherwise only the vote is run.
     scored = list(ensemble.members) if truth is not None else list(ensemble.vote)
     views = ensemble.tta if tta is None else ("flip",) if tta is True else () if tta is False else tuple(tta)
@@ -117,17 +117,6 @@ def _table(files: list[str], probabilities: torch.Tensor, classes: tuple[str, ..
         f"top{TOP_K}_labels": ["|".join(classes[i] for i in row) for row in indices.tolist()],
         f"top{TOP_K}_confidences": ["|".join(f"{c:.4f}" for c in row) for row in confidences.tolist()],
     })
-
-
-def _truth(root: Path) -> Optional[dict[str, str]]:
-    """{file: label} from the test_labels.csv beside the images, if there is one."""
-    labels_file = root / TEST_LABELS
-    if not labels_file.is_file():
-        return None
-    truth = pd.read_csv(labels_file, dtype=str)
-    if not {"file", "label"} <= set(truth.columns):
-        raise DataError(f"{labels_file}: must have columns file,label")
-    return dict(zip(truth["file"], truth["label"]))
 
 
 def _accuracy(files: Sequence[str], predicted: Sequence[str], truth: dict[str, str]) -> Optional[float]:

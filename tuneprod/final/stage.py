@@ -22,7 +22,7 @@ from tuneprod.final.ensemble import soup
 from tuneprod.final.inference import PredictionReport, predict
 from tuneprod.spec import EXPERIMENT_SPEC, Hyperparams, Spec, TrialConfig, UserError, load_spec
 from tuneprod.train.cache import DecodedImages, labelled_images
-from tuneprod.train.data import check_test_images
+from tuneprod.train.data import TEST_LABELS, check_test_images
 from tuneprod.train.heads import build_model
 from tuneprod.train.loop import NonFiniteLoss, TrainingRun
 from tuneprod.tuning import results
@@ -159,12 +159,12 @@ def predict_test(spec: Spec, experiment_dir: Path,
     """Predicts data.test with the final model, when the spec names test images."""
     if spec.data.test_path is None:
         return None
-    check_test_images(spec)
+    check_test_images(spec, json.loads((experiment_dir / FINAL / artifact.ENSEMBLE).read_text())["classes"])
     report = predict(experiment_dir / FINAL, spec.data.test_path, experiment_dir / PREDICTIONS,
                      workers=spec.dataloader_workers, progress=progress)
     progress(f"predict: {report.images} predictions written to {report.out}")
     if report.accuracy is not None:
-        progress(f"predict: test accuracy {report.summary()} (against {spec.data.test_path / 'test_labels.csv'})")
+        progress(f"predict: test accuracy {report.summary()} (against {spec.data.test_path / TEST_LABELS})")
     return report
 
 

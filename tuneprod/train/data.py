@@ -21,6 +21,7 @@ from tuneprod.train.watchdog import DONE, run_bounded
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
 MANIFEST_EXTENSIONS = (".csv", ".parquet")
+TEST_LABELS = "test_labels.csv"  # beside the test images: file,label, to score the predictions
 DECODE_TIMEOUT_S = 30.0  # an image slower than this to decode counts as unreadable (a photo takes milliseconds)
 
 
@@ -300,11 +301,37 @@ def decode_resized(path: Path, size: int) -> np.ndarray:
     return cv2.resize(pixels, (size, size), interpolation=cv2.INTER_AREA if shrinking else cv2.INTER_LINEAR)
 
 
-def check_test_images(spec: Spec) -> None:
+def check_test_images(spec: Spec, classes: Sequence[str]) -> None:
+    """The test folder holds images; its test_labels.csv, if any, is readable, and labels the training set has no
+    class for are named (those images can only count as wrong)."""
     test = spec.data.test_path
-    if test is not None and (not test.is_dir() or not list_images(test)):
+    if test is None:
+        return
+    if not test.is_dir() or not list_images(test):
         raise DataError(f"{spec.path}: data.test: the value is {str(test)!r}, but must be a folder holding images "
                         f"to predict")
+    truth = read_test_labels(test)
+    unknown = sorted(set((truth or {}).values()) - set(classes))
+    if unknown:
+        warn(f"data.test: {test / TEST_LABELS} names {len(unknown)} label(s) the training set has no class for: "
+             f"{', '.join(unknown[:5])}{' ...' if len(unknown) > 5 else ''}; their images count as wrong in the "
+             f"test accuracy")
+
+
+def read_test_labels(folder: Path) -> Optional[dict[str, str]]:
+    """{file: label} from the test_labels.csv beside the images, if there is one."""
+    import pandas as pd
+
+    labels_file = folder / TEST_LABELS
+    if not labels_file.is_file():
+        return None
+    try:
+        truth = pd.read_csv(labels_file, dtype=str)
+    except Exception as exc:  # pandas raises many kinds for a malformed file
+        raise DataError(f"{labels_file}: cannot read it ({exc}); it must be a CSV with columns file,label") from None
+    if not {"file", "label"} <= set(truth.columns):
+        raise DataError(f"{labels_file}: must have columns file,label")
+    return dict(zip(truth["file"], truth["label"]))
 
 
 class ResizedImages(torch.utils.data.Dataset):

@@ -205,7 +205,7 @@ def _trial_data(spec: Spec, progress: Callable[[str], None]) -> tuple[DecodedIma
     """Everything checked before Ray starts: images, test folder, pretrained weights. The split is seeded, so a
     resumed search validates on the same images."""
     labelled = labelled_images(spec, progress)
-    check_test_images(spec)
+    check_test_images(spec, labelled.classes)
     try:
         train, val = validation_split(labelled, spec.data.val_fraction, spec.search.seed)
     except DataError as exc:
