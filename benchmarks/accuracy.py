@@ -31,6 +31,8 @@ Prints a table per set and `final/seed: +X.X pts  final/single: +Y.Y pts` (means
 search's best configuration, which is retrained on all labelled data for the same epochs with the same seed and
 scored alone with the mirror as its test-time view, against that configuration as searched: one model each, same
 data, same epochs. The choices take the literature's usual values, not values tuned here.
+--rows space: the same search with every one of those choices searchable too (cpu.yaml's space extended), against
+cpu.yaml as shipped, at the same budget.
 """
 from __future__ import annotations
 
@@ -79,6 +81,15 @@ CHOICES = {
     "ema_decay: 0.999": {"ema_decay": 0.999},
 }
 AS_SEARCHED = "as searched"
+# --rows space: cpu.yaml's space with every choice searchable, against cpu.yaml as shipped, at the same budget.
+SEARCHED_CHOICES = {
+    "head": {"choice": ["linear", "cosine", "arcface"]},
+    "pooling": {"choice": ["avg", "gem"]},
+    "predict_by": {"choice": ["head", "knn", "centroid"], "when": {"head": ["cosine", "arcface"]}},
+    "finetune": {"choice": ["full", "lp-ft"]},
+    "layer_decay": {"choice": [1.0, 0.9]},
+    "ema_decay": {"choice": [0.0, 0.999]},
+}
 
 
 # ---------------------------------------------------------------------------------------------------- sets
@@ -172,18 +183,21 @@ def seed_recipe(folder: Path, work: Path, budget: float) -> dict:
             "note": f"{run.epoch} of {epochs} epochs"}
 
 
-def tuneprod_search(name: str, folder: Path, work: Path, budget: float, variants: bool = True) -> dict:
-    """(b) and (c): one search on search_spaces/cpu.yaml with `budget` seconds for trials, final stage and predictions."""
+def tuneprod_search(name: str, folder: Path, work: Path, budget: float, variants: bool = True,
+                    extra_space: dict | None = None) -> dict:
+    """(b) and (c): one search on search_spaces/cpu.yaml with `budget` seconds for trials, final stage and predictions.
+    `extra_space`: entries added to (or replacing) cpu.yaml's space."""
     import tuneprod
 
     raw = yaml.safe_load((ROOT / "search_spaces" / "cpu.yaml").read_text())
+    raw["space"].update(extra_space or {})
     raw["data"] = {"train": str(folder / ("train.csv" if name == "demo" else "train")), "test": str(folder / "test"),
                    "val_fraction": 0.2, "image_size": SIZE}
     if name == "demo":  # its manifest has each photo's elevation: validate on an unseen one
         raw["data"]["val_groups"] = "elevation"
     raw["search"]["time_budget_s"] = budget
     raw["search"]["num_samples"] = 200
-    space = work / f"{name}.yaml"
+    space = work / f"{name}{'_choices' if extra_space else ''}.yaml"
     space.write_text(yaml.safe_dump(raw, sort_keys=False))
     started = time.perf_counter()
     outcome = tuneprod.search(space, storage=work / "runs", progress=lambda line: print(line, flush=True))
@@ -196,7 +210,9 @@ def tuneprod_search(name: str, folder: Path, work: Path, budget: float, variants
         rows[views] = report
     ensemble = json.loads((final / "ensemble.json").read_text())
     default = rows[tuple(ensemble["tta"])]
+    best = table.loc[table["val_acc"].idxmax()] if table["val_acc"].notna().any() else {}
     return {"experiment": outcome.experiment_dir, "wall_s": wall, "trials": len(table), "best_val": outcome.best_value,
+            "best_choices": {k: best[k] for k in (extra_space or {}) if k in table.columns and pd.notna(best[k])},
             # One model with the mirror as its only test-time view: what tuneprod handed over before the final stage.
             "single": rows[("flip",)].member_accuracy.get("member_1", rows[("flip",)].accuracy),
             "final": default.accuracy,
@@ -279,14 +295,15 @@ def main() -> None:
     parser.add_argument("--work", type=Path, default=Path("accuracy_bench"))
     parser.add_argument("--rows", default="methods,choices",
                         help="methods: (a)/(b)/(c) and their variants; choices: the fine-tuning choices on the best "
-                             "configuration (default: both)")
+                             "configuration; space: cpu.yaml with every choice searchable vs as shipped "
+                             "(default: methods,choices)")
     args = parser.parse_args()
     rows = set(args.rows.split(","))
     import ray
 
     os.environ.setdefault("TUNEPROD_CACHE", str((args.work / "cache").absolute()))
     ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
-    results, choices = {}, {}
+    results, choices, spaces = {}, {}, {}
     for name in args.sets.split(","):
         folder, skipped = make_set(name, args.work)
         if skipped:
@@ -304,9 +321,15 @@ def main() -> None:
             results[name] = (seed, searched)
         if "choices" in rows:
             choices[name] = choice_rows(searched["experiment"], folder, work)
+        if "space" in rows:
+            extended = tuneprod_search(name, folder, work, args.search_budget, variants=False,
+                                       extra_space=SEARCHED_CHOICES)
+            print(f"accuracy: {name}: every choice searchable {extended}", flush=True)
+            spaces[name] = (searched, extended)
     ray.shutdown()
     report(results, args.search_budget)
     report_choices(choices)
+    report_spaces(spaces, args.search_budget)
 
 
 def report(results: dict, budget: float) -> None:
@@ -348,6 +371,17 @@ def report_choices(choices: dict) -> None:
             else:
                 cells.append(f"{row['test_acc']:.3f} {100 * (row['test_acc'] - base):+5.1f} ({row['wall_s']:.0f} s)")
         print(f"{choice:<34}" + "".join(f"{cell:>24}" for cell in cells))
+
+
+def report_spaces(spaces: dict, budget: float) -> None:
+    if not spaces:
+        return
+    print(f"\ncpu.yaml as shipped vs with every choice searchable ({', '.join(SEARCHED_CHOICES)}), one search each "
+          f"at {budget:.0f} s: test accuracy of the best configuration alone (mirror) and of the final stage\n")
+    print(f"{'set':<8} {'shipped: single / final':>24} {'choices: single / final':>24}  trials  best trial's choices")
+    for name, (shipped, extended) in spaces.items():
+        print(f"{name:<8} {shipped['single']:>11.3f} / {shipped['final']:.3f} {extended['single']:>11.3f} / "
+              f"{extended['final']:.3f}  {shipped['trials']:>3} / {extended['trials']:<3} {extended['best_choices']}")
 
 
 if __name__ == "__main__":
