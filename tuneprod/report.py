@@ -22,9 +22,9 @@ from PIL import Image
 
 from tuneprod.files import atomic_write
 from tuneprod.final.artifact import ENSEMBLE, METADATA
-from tuneprod.train.data import TEST_LABELS
 from tuneprod.final.stage import FINAL, PREDICTIONS, load_experiment
 from tuneprod.spec import Spec, UserError
+from tuneprod.train.data import TEST_LABELS, load_rgb
 from tuneprod.tuning import results
 
 REPORT = "report.html"
@@ -268,11 +268,11 @@ def _mistakes(spec: Spec, experiment_dir: Path) -> list[str]:
 
 
 def _thumbnail(path: Path, true: str, predicted: str, confidence: float) -> str:
-    with Image.open(path) as image:
-        image = image.convert("RGB")
-        image.thumbnail((THUMBNAIL_PX * 2, THUMBNAIL_PX * 2))
-        buffer = io.BytesIO()
-        image.save(buffer, format="JPEG", quality=85)
+    # As predict read it: upright (EXIF), transparency on white, any mode; a regular file only.
+    image = Image.fromarray(load_rgb(path, at_least=THUMBNAIL_PX * 2))
+    image.thumbnail((THUMBNAIL_PX * 2, THUMBNAIL_PX * 2))
+    buffer = io.BytesIO()
+    image.save(buffer, format="JPEG", quality=85)
     data = base64.b64encode(buffer.getvalue()).decode()
     return (f"<figure><img class='misclassified' src='data:image/jpeg;base64,{data}' alt='{html.escape(path.name)}'>"
             f"<figcaption>true <b>{html.escape(true)}</b><br>predicted <b>{html.escape(predicted)}</b> "
