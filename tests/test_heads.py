@@ -263,3 +263,14 @@ def test_a_search_over_heads_hands_over_a_model_with_its_gallery(tmp_path):
         assert weights["gallery"].shape == (18, 16) and weights["gallery_labels"].shape == (18,)
     predictions = pd.read_csv(experiment / "predictions.csv")
     assert len(predictions) == 6 and predictions["label"].notna().all()
+
+
+def test_the_evaluation_speed_counts_the_gallery_images_it_embedded(split, monkeypatch):
+    # The budget prices predictions from this speed: forward passes per second, whatever they were for.
+    from tuneprod.train import loop
+
+    run = run_with(split, epochs=1, **ARCFACE)
+    clock = iter([0.0, 1.0])  # evaluate reads the clock twice: the pass takes one second
+    monkeypatch.setattr(loop, "time", type("Clock", (), {"perf_counter": staticmethod(lambda: next(clock))}))
+    metrics = run.evaluate()
+    assert metrics["eval_images_per_s"] == len(split[1]) + len(split[2])
