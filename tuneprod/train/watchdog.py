@@ -79,11 +79,22 @@ def run_bounded(check: Callable[[int], bool], count: int, workers: int, timeout_
     def start(slot: int):
         kind = multiprocessing.get_context("fork").Process if in_process else threading.Thread
         worker = kind(target=_work, args=(check, board, slot, board.generation[slot], in_process), daemon=True)
-        worker.start()
+        if not in_process:
+            worker.start()
+            return worker
+        # A Ctrl-C that lands during the fork is raised inside fork's handlers, which swallow it: hold it until the
+        # child exists (it then arrives here, where the cleanup below sees it).
+        held = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+        try:
+            worker.start()
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, held)
         return worker
 
-    running = [start(slot) for slot in range(slots)]
+    running = []
     try:
+        for slot in range(slots):
+            running.append(start(slot))
         while any(worker.is_alive() for worker in running):
             time.sleep(TICK_S)
             for slot, worker in enumerate(running):
