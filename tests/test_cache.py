@@ -60,8 +60,12 @@ def test_an_interrupted_build_is_never_used_and_is_cleaned_up(image_set, monkeyp
 
     store = DecodedCache.of(image_set.paths, 16, tmp_path / "c")
     monkeypatch.setattr(cache, "decode_resized", dies_half_way)
-    with pytest.raises(KeyboardInterrupt):
-        store.ensure()
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)  # whatever an earlier test left
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            store.ensure()
+    finally:
+        signal.signal(signal.SIGINT, previous)
     assert not store.ready() and not store.folder.exists()
     assert len(list((tmp_path / "c").glob(".*partial*"))) == 1  # what it left is hidden and unnamed as a store
 
