@@ -28,6 +28,7 @@ import yaml
 from ray.cluster_utils import Cluster
 
 from tuneprod.demo import generate_demo
+from tuneprod.tuning.endings import FINISHED, read_endings
 
 ROOT = Path(__file__).resolve().parents[1]
 TRIALS = 10
@@ -125,8 +126,10 @@ def report(experiment: Path, kills: list[str], restarts: int, code: int, seconds
     for progress in experiment.glob("trial_*/progress.csv"):
         epochs = pd.read_csv(progress)["epoch"].dropna().astype(int).tolist()
         rerun[progress.parent.name.removeprefix("trial_")] = len(epochs) - len(set(epochs))
-    endings = table["ended"].str.extract(r"^(ran all|stopped|cut|failed)")[0].value_counts().to_dict()
-    finished_rerun = sum(rerun.get(t, 0) > 1 for t in table.loc[table["ended"].str.startswith("ran all"), "trial_id"])
+    record = read_endings(experiment)
+    kinds = [record[t].kind for t in table["trial_id"] if t in record]
+    endings = {kind: kinds.count(kind) for kind in sorted(set(kinds))}
+    finished_rerun = sum(rerun.get(t, 0) > 1 for t, ending in record.items() if ending.kind == FINISHED)
     print(f"trials in the table: {len(table)} of {TRIALS}; endings: {endings}")
     print(f"epochs run twice: {sum(rerun.values())} in {sum(n > 0 for n in rerun.values())} trial(s); "
           f"finished trials with more than one epoch run again: {finished_rerun}")

@@ -6,8 +6,9 @@ import pytest
 from ray import cloudpickle
 
 from tuneprod.spec import UserError, spec_from_dict
-from tuneprod.tuning.budget import (FIXED_OVERHEAD_S, BudgetStopper, Speed, Workload, final_estimate, makespan,
-                                    minimum_seconds)
+from tuneprod.tuning.budget import (FIXED_OVERHEAD_S, BudgetStopper, MemberPlan, Speed, Workload, final_estimate,
+                                    makespan, minimum_seconds)
+from tuneprod.tuning.endings import TrialEndings
 from tuneprod.tuning.tuner import plan_budget
 
 WORK = Workload(train_images=800, val_images=200, labelled_images=1000, test_images=200, views=10, members=2, seeds=1,
@@ -22,12 +23,35 @@ def test_makespan_runs_the_longest_first_on_the_freest_slot(durations, slots, ex
 
 
 def test_final_stage_estimate():
-    one_slot = final_estimate(WORK, SPEED, [5, 3])  # 1000 images at 50/s: 20 s an epoch
+    members = [MemberPlan(5), MemberPlan(3)]
+    one_slot = final_estimate(WORK, SPEED, members)  # 1000 images at 50/s: 20 s an epoch
     assert one_slot.members_s == 160
-    assert final_estimate(Workload(**{**WORK.__dict__, "slots": 2}), SPEED, [5, 3]).members_s == 100
+    assert final_estimate(Workload(**{**WORK.__dict__, "slots": 2}), SPEED, members).members_s == 100
     assert one_slot.predict_s == pytest.approx(200 * (10 * 2 / 400 + 0.004))
     assert one_slot.total_s == pytest.approx(160 + one_slot.predict_s + FIXED_OVERHEAD_S)
-    assert final_estimate(Workload(**{**WORK.__dict__, "final": False}), SPEED, [5, 3]).total_s == 0
+    assert final_estimate(Workload(**{**WORK.__dict__, "final": False}), SPEED, members).total_s == 0
+
+
+def test_a_gallery_member_costs_one_more_pass_over_the_labelled_images():
+    """A member that predicts by its gallery embeds every labelled image once (1000 at 400/s: 2.5 s)."""
+    plain = final_estimate(WORK, SPEED, [MemberPlan(5), MemberPlan(3)])
+    gallery = final_estimate(WORK, SPEED, [MemberPlan(5, gallery=True), MemberPlan(3)])
+    assert gallery.members_s - plain.members_s == pytest.approx(2.5)
+    stopper = BudgetStopper(1000, WORK, SPEED, "val_acc", "max", lambda _: None)
+    stopper("a", {"epoch": 3, "val_acc": 0.5, "config": {"head": "arcface", "predict_by": "knn"}})
+    stopper("b", {"epoch": 2, "val_acc": 0.6, "config": {"head": "arcface", "predict_by": "head"}})
+    assert stopper.members() == [MemberPlan(2, gallery=False), MemberPlan(3, gallery=True)]
+
+
+def test_the_budgets_cut_is_written_in_the_record():
+    endings = TrialEndings(None, 10)
+    stopper = BudgetStopper(100, WORK, SPEED, "val_acc", "max", lambda _: None)
+    stopper.endings = endings
+    stopper("a", {"epoch": 2, "val_acc": 0.5})
+    assert not stopper.stop_all() and not endings.budget_cut
+    stopper.started -= 500
+    assert stopper.stop_all() and endings.budget_cut
+    assert endings.conclude("a", {"epoch": 2}).words(10) == "cut by the time budget after epoch 2"
 
 
 def test_minimum_is_one_trial_to_its_first_rung_then_members_of_as_many_epochs():
@@ -64,7 +88,7 @@ def test_the_stopper_ends_the_trials_when_the_time_left_is_what_the_final_stage_
     stopper("b", {"epoch": 6, "val_acc": 0.7, "images_per_s": 50, "eval_images_per_s": 400})
     stopper("c", {"epoch": 1, "val_acc": 0.1, "images_per_s": 50, "eval_images_per_s": 400})
     assert stopper.speed() == Speed(50, 400)
-    assert stopper.member_epochs() == [6, 3]  # the two best trials, each at its best epoch
+    assert stopper.members() == [MemberPlan(6), MemberPlan(3)]  # the two best trials, each at its best epoch
     reserve = stopper.estimate().total_s  # (6 + 3) x 20 s + predictions + setup
     assert stopper.estimate().members_s == 180
     stopper.started -= 1000 - reserve - 5
@@ -79,7 +103,7 @@ def test_without_a_final_stage_the_budget_is_the_trials_alone():
     stopper = BudgetStopper(100, work, SPEED, "val_loss", "min", lambda _: None)
     stopper("a", {"epoch": 2, "val_loss": 0.3})
     stopper("b", {"epoch": 5, "val_loss": 0.2})
-    assert stopper.member_epochs() == [5, 5]  # val_loss: lower is better; the best trial with 2 seeds
+    assert stopper.members() == [MemberPlan(5), MemberPlan(5)]  # val_loss: lower is better; the best trial with 2 seeds
     stopper.started -= 99
     assert not stopper.stop_all()
     stopper.started -= 2

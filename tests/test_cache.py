@@ -172,3 +172,33 @@ def test_an_image_too_slow_to_decode_counts_as_unreadable(image_set, monkeypatch
     images = decoded(image_set, 16, tmp_path / "c")
     assert 3 not in images.rows and len(images) == len(image_set) - 1
     assert f"took longer than 0.5 s to decode and count as unreadable: {slow}" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("processes", [True, False])
+def test_the_build_opens_its_store_once_for_all_its_workers(image_set, monkeypatch, tmp_path, processes):
+    """Not once per image: one descriptor, shared by the workers (threads, or forked processes that inherit it)."""
+    monkeypatch.setattr(watchdog.threading, "active_count", lambda: 1 if processes else 2)
+    opened, real_open = [], os.open
+
+    def counting_open(path, flags, *args):
+        if str(path).endswith(cache.IMAGES) and flags & os.O_WRONLY:
+            opened.append(path)
+        return real_open(path, flags, *args)
+
+    monkeypatch.setattr(cache.os, "open", counting_open)
+    images = decoded(image_set, 16, tmp_path / "c")
+    assert len(opened) == 1
+    assert all(np.array_equal(images.cache.images()[r], decode_resized(image_set.paths[r], 16))
+               for r in range(len(image_set)))
+
+
+def test_readability_checks_use_the_cpus_this_process_may_run_on(tmp_path, monkeypatch):
+    """Inside a Ray worker pinned to one CPU, os.cpu_count() would still say the whole machine."""
+    from tuneprod.train import data
+
+    workers = []
+    monkeypatch.setattr(watchdog.os, "sched_getaffinity", lambda pid: {3})
+    monkeypatch.setattr(data, "run_bounded", lambda check, count, n, timeout: workers.append(n) or
+                        np.full(count, watchdog.DONE))
+    data.find_unreadable([tmp_path / "a.png", tmp_path / "b.png"])
+    assert workers == [1] and watchdog.usable_cpus() == 1

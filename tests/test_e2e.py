@@ -186,3 +186,50 @@ def test_a_trial_whose_worker_is_killed_resumes_from_its_checkpoint(tmp_path, ra
     # Retried from its checkpoint: epoch 1 ran once; only epochs after the last checkpoint may run twice.
     assert epochs.count(1) == 1 and sorted(set(epochs)) == list(range(1, 41)), epochs
     assert len(epochs) < 40 + 5
+
+
+def test_every_ending_is_told_one_way_when_the_budget_cuts_and_the_scheduler_stops(tmp_path, ray_two_cpus,
+                                                                                     monkeypatch, capsys):
+    """A real search whose budget runs out after its eighth report (the clock is the stopper's, made to run out):
+    the scheduler has stopped some trials by then, the budget cuts the running ones after a report and the queued
+    one before its first. Table, record, console line and study agree, and every row has its parameters."""
+    from tuneprod.tuning import budget
+    from tuneprod.tuning.endings import read_endings
+
+    reports = []
+    real_call = budget.BudgetStopper.__call__
+    monkeypatch.setattr(budget.BudgetStopper, "__call__",
+                        lambda self, trial_id, result: reports.append(trial_id) or real_call(self, trial_id, result))
+    monkeypatch.setattr(budget.BudgetStopper, "used_s",
+                        lambda self: self.budget_s if len(reports) >= 8 else 0.0)
+    generate_demo(tmp_path / "demo", classes=4, train_per_class=8, test_per_class=3, size=32)
+    space = shrunk_space("demo.yaml", tmp_path, data={"demo": str(tmp_path / "demo"), "image_size": 32},
+                         search={"num_samples": 12, "time_budget_s": 3600, "max_concurrent_trials": 2,
+                                 "scheduler": {"type": "asha", "max_epochs": 6, "grace_period": 1,
+                                               "reduction_factor": 2}})
+    said = []
+    tuneprod.search(space, storage=tmp_path / "runs", retrain=False, progress=said.append)
+    experiment = tmp_path / "runs" / "shrunk_demo"
+    table = pd.read_parquet(experiment / "trials.parquet").set_index("trial_id")
+    record = read_endings(experiment)
+    assert set(record) == set(table.index)
+    assert table["ended"].to_dict() == {t: e.words(6) for t, e in record.items()}
+    ended = table["ended"]
+    assert ended.str.startswith("stopped by the scheduler after epoch").any()
+    assert ended.str.match(r"cut by the time budget after epoch [1-5]$").any()
+    assert (ended == "cut by the time budget before its first report").any()
+    assert table["backbone"].notna().all() and table["lr"].notna().all()
+
+    study = {t.user_attrs[RAY_TRIAL_ID]: t.state for t in load_study(experiment).trials}
+    assert {t: study[t] for t in table.index} == {
+        t: TrialState.COMPLETE if e.kind == "finished" else TrialState.PRUNED for t, e in record.items()}
+    kinds = [e.kind for e in record.values()]
+    summary = [line for line in said if line.startswith(f"tuneprod: {len(table)} trials:")]
+    assert summary == [f"tuneprod: {len(table)} trials: {kinds.count('finished')} ran to the end, "
+                       f"{kinds.count('stopped')} stopped early by the scheduler, {kinds.count('cut')} cut by the "
+                       f"time budget, 0 failed"]
+    view = [line for line in capsys.readouterr().out.splitlines() if line.startswith("search ")][-1]
+    counts = ", ".join(f"{kinds.count(kind)} {words}" for kind, words in
+                       (("finished", "finished"), ("stopped", "stopped"), ("cut", "cut by the budget"))
+                       if kinds.count(kind))
+    assert f"| {len(table)}/12 trials done: {counts} |" in view, view

@@ -9,6 +9,7 @@ import torch
 from safetensors.torch import save_file
 
 from tests.helpers import write_image_folder
+from tuneprod.tuning.endings import TrialEndings
 from tuneprod.final import artifact
 from tuneprod.final.stage import MemberFailed, final_stage, train_member
 from tuneprod.spec import UserError, spec_from_dict
@@ -32,7 +33,7 @@ def experiment(tmp_path, monkeypatch):
     records = [TrialRecord(str(n), {"backbone": "test_resnet", "pretrained": True, "lr": lr},
                            [{"epoch": 1, "val_acc": acc}])
                for n, (lr, acc) in enumerate([(0.01, 0.9), (0.02, 0.8), (0.03, 0.7)])]
-    write_results(tmp_path, trials_table(records, NAMES, "val_acc", "max", 1), NAMES, "val_acc")
+    write_results(tmp_path, trials_table(records, NAMES, "val_acc", "max", TrialEndings(None, 1)), NAMES, "val_acc")
 
     def local_members(spec, plans, labelled, folder, progress, address=None):
         failures = {}
@@ -78,7 +79,7 @@ def test_every_member_failing_saves_nothing(experiment):
     (folder / "final").mkdir()
     (folder / "final" / "ensemble.json").write_text("{}")  # an earlier final stage stays as it was
     write_results(folder, trials_table([TrialRecord("x", {"backbone": "test_resnet", "pretrained": True, "lr": 0.02},
-                                                    [{"epoch": 1, "val_acc": 0.5}])], NAMES, "val_acc", "max", 1),
+                                                    [{"epoch": 1, "val_acc": 0.5}])], NAMES, "val_acc", "max", TrialEndings(None, 1)),
                   NAMES, "val_acc")
     with pytest.raises(UserError, match="every member failed"):
         final_stage(spec, folder, lambda _: None, images)

@@ -274,3 +274,13 @@ def test_the_evaluation_speed_counts_the_gallery_images_it_embedded(split, monke
     monkeypatch.setattr(loop, "time", type("Clock", (), {"perf_counter": staticmethod(lambda: next(clock))}))
     metrics = run.evaluate()
     assert metrics["eval_images_per_s"] == len(split[1]) + len(split[2])
+
+
+@pytest.mark.parametrize("head, predict_by", [("linear", "head"), ("cosine", "head"), ("cosine", "knn"),
+                                              ("arcface", "centroid")])
+def test_whether_a_model_predicts_by_a_gallery_is_decided_once_by_its_hyperparameters(split, head, predict_by):
+    run = run_with(split, epochs=1, head=head, predict_by=predict_by, pooling="gem")
+    expected = head != "linear" and predict_by != "head"
+    assert run.config.hp.predicts_by_gallery == expected
+    assert run.model.needs_gallery == run.predicts_by_gallery == expected
+    assert len(run.final_model().gallery) == (len(split[1]) if expected else 0)

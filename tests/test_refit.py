@@ -4,6 +4,7 @@ from pathlib import Path
 
 import pytest
 
+from tuneprod.tuning.endings import TrialEndings
 from tuneprod.final.stage import plan_members, soup_groups
 from tuneprod.spec import UserError, spec_from_dict
 from tuneprod.tuning.results import TrialRecord, trials_table, write_results
@@ -23,7 +24,7 @@ def experiment(tmp_path: Path, final: dict, records=None):
         TrialRecord("a", {"optimizer": "sgd", "lr": 0.1, "batch_size": 16}, curve(0.2, 0.6, 0.9, 0.8, 0.85)),
         TrialRecord("b", {"optimizer": "adamw", "lr": 0.001, "batch_size": 16}, curve(0.3)),
     ]
-    write_results(tmp_path, trials_table(records, NAMES, "val_acc", "max", 5), NAMES, "val_acc")
+    write_results(tmp_path, trials_table(records, NAMES, "val_acc", "max", TrialEndings(None, 5)), NAMES, "val_acc")
     return spec
 
 
@@ -89,7 +90,7 @@ def test_soups_group_pretrained_members_of_one_backbone(tmp_path):
                for n, (b, p, lr) in enumerate([("test_resnet", True, 0.1), ("test_efficientnet", False, 0.1),
                                                ("test_resnet", True, 0.2), ("test_efficientnet", True, 0.1)])]
     names = ["backbone", "pretrained", "lr"]
-    write_results(tmp_path, trials_table(records, names, "val_acc", "max", 5), names, "val_acc")
+    write_results(tmp_path, trials_table(records, names, "val_acc", "max", TrialEndings(None, 5)), names, "val_acc")
     plans = plan_members(spec, tmp_path)
     # Pretrained resnets (two configurations x two seeds) share a start, and so do the two seeds of the
     # pretrained efficientnet; the efficientnet trained from scratch is never averaged.

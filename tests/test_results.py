@@ -5,6 +5,7 @@ import pandas as pd
 import pytest
 import yaml
 
+from tuneprod.tuning.endings import TrialEndings
 from tuneprod.tuning.results import (
     BEST_CONFIG,
     TRIALS_CSV,
@@ -35,7 +36,7 @@ RECORDS = [
 
 
 def test_table_rows_best_first_with_peak_epoch_and_early_stops():
-    table = trials_table(RECORDS, NAMES, "val_acc", "max", max_epochs=4)
+    table = trials_table(RECORDS, NAMES, "val_acc", "max", TrialEndings(None, 4))
     assert table["trial_id"].tolist() == ["c", "a", "b", "d", "e"]
     by_id = table.set_index("trial_id")
     assert by_id.loc["a", "best_epoch"] == 2 and by_id.loc["a", "val_acc"] == 0.7
@@ -50,7 +51,7 @@ def test_table_rows_best_first_with_peak_epoch_and_early_stops():
 
 
 def test_minimised_metric_picks_lowest_loss():
-    table = trials_table(RECORDS, NAMES, "val_loss", "min", max_epochs=4)
+    table = trials_table(RECORDS, NAMES, "val_loss", "min", TrialEndings(None, 4))
     assert table.iloc[0]["trial_id"] == "a"  # loss 0.3 at epoch 2 beats c's 0.5
     assert table.iloc[0]["best_epoch"] == 2
 
@@ -58,18 +59,18 @@ def test_minimised_metric_picks_lowest_loss():
 def test_a_failed_trial_is_never_best_even_with_the_top_metric():
     diverged = TrialRecord("x", {"optimizer": "sgd", "momentum": 0.9, "batch_size": 8}, history([0.95]),
                            "NonFiniteLoss: nan")
-    table = trials_table(RECORDS + [diverged], NAMES, "val_acc", "max", max_epochs=4)
+    table = trials_table(RECORDS + [diverged], NAMES, "val_acc", "max", TrialEndings(None, 4))
     assert table.iloc[0]["trial_id"] == "x" and best_row(table, "val_acc")["trial_id"] == "c"
 
 
 def test_best_row_skips_trials_without_results_and_fails_when_none_have_any():
-    table = trials_table(RECORDS[4:], NAMES, "val_acc", "max", max_epochs=4)
+    table = trials_table(RECORDS[4:], NAMES, "val_acc", "max", TrialEndings(None, 4))
     with pytest.raises(ValueError, match="every trial failed"):
         best_row(table, "val_acc")
 
 
 def test_written_files_round_trip_with_types(tmp_path):
-    table = trials_table(RECORDS, NAMES, "val_acc", "max", max_epochs=4)
+    table = trials_table(RECORDS, NAMES, "val_acc", "max", TrialEndings(None, 4))
     write_results(tmp_path, table, NAMES, "val_acc")
     again = pd.read_parquet(tmp_path / TRIALS_PARQUET)
     assert len(pd.read_csv(tmp_path / TRIALS_CSV)) == 5
@@ -85,14 +86,40 @@ def test_written_files_round_trip_with_types(tmp_path):
 def test_a_trials_own_failure_is_its_last_result_and_reads_as_an_error():
     from types import SimpleNamespace
 
-    from tuneprod.tuning.results import FAILED, FAILED_IN_EPOCH, records_from_grid
+    from tuneprod.tuning.endings import FAILED_IN_EPOCH, FAILED_RESULT
+    from tuneprod.tuning.results import records_from_grid
 
-    rows = history([0.3, 0.4]) + [{FAILED: "NonFiniteLoss: the loss is nan", FAILED_IN_EPOCH: 3,
+    rows = history([0.3, 0.4]) + [{FAILED_RESULT: "NonFiniteLoss: the loss is nan", FAILED_IN_EPOCH: 3,
                                    "val_acc": math.nan, "val_loss": math.nan, "epoch": math.nan}]
     grid = [SimpleNamespace(metrics_dataframe=pd.DataFrame(rows), metrics={"trial_id": "f"}, path="/x/trial_f",
                             config={"optimizer": "sgd", "lr": 0.1}, error=None)]
     records = records_from_grid(grid, NAMES)
     assert records[0].error == "NonFiniteLoss: the loss is nan" and records[0].params == {"optimizer": "sgd"}
-    row = trials_table(records, NAMES, "val_acc", "max", max_epochs=4).iloc[0]
+    row = trials_table(records, NAMES, "val_acc", "max", TrialEndings(None, 4)).iloc[0]
     assert row["status"] == "ERROR" and row["epochs_run"] == 2 and row["val_acc"] == pytest.approx(0.4)
     assert row["ended"] == "failed in epoch 3"
+
+
+def test_the_ended_column_reads_the_record_and_a_trial_that_never_reported_keeps_its_proposed_parameters():
+    """The budget cut g after epoch 1 and h before its first report; Ray gives h no config (it never reported),
+    so its parameters come from what the searcher proposed."""
+    from types import SimpleNamespace
+
+    from tuneprod.tuning.results import records_from_grid
+
+    endings = TrialEndings(None, 4)
+    endings.stopped("b", 1)
+    endings.cut_by_budget()
+    grid = [SimpleNamespace(metrics_dataframe=pd.DataFrame(history([0.3])), metrics={"trial_id": "g"},
+                            path="/x/trial_g", config={"optimizer": "adam", "batch_size": 16}, error=None),
+            SimpleNamespace(metrics_dataframe=None, metrics={}, path="/x/exp/trial_0a1b2_00007", config=None,
+                            error=None)]
+    proposed = {"0a1b2_00007": {"optimizer": "sgd", "momentum": 0.5, "batch_size": 8, "lr": 0.1}}
+    records = records_from_grid(grid, NAMES, proposed) + RECORDS[:2]
+    table = trials_table(records, NAMES, "val_acc", "max", endings).set_index("trial_id")
+    assert table.loc["g", "ended"] == "cut by the time budget after epoch 1"
+    assert table.loc["0a1b2_00007", "ended"] == "cut by the time budget before its first report"
+    assert table.loc["0a1b2_00007", ["optimizer", "momentum", "batch_size"]].tolist() == ["sgd", 0.5, 8]
+    assert table.loc["b", "ended"] == "stopped by the scheduler after epoch 1"  # decided before the cut
+    assert table.loc["a", "ended"] == "ran all 4 epochs"
+    assert table[["stopped_early"]].loc[["g", "0a1b2_00007", "b"]].all().item()

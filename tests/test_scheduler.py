@@ -32,7 +32,7 @@ def test_a_bad_first_trial_waits_and_is_stopped_once_peers_report():
     assert rungs.arrive("b", 1, 0.5) == WAIT
     assert rungs.arrive("c", 1, 0.9) == CONTINUE  # 3 at the rung: the best third (c) goes straight on
     assert rungs.next_promotion({"first", "b"}) is None
-    assert rungs.losers({"first", "b"}) == ["first", "b"] and rungs.waiting == {}
+    assert rungs.losers({"first", "b"}) == [("first", 1), ("b", 1)] and rungs.waiting == {}
     assert rungs.arrive("d", 1, 0.3) == STOP  # the rung is decided: below the best third, stopped at once
     assert rungs.arrive("e", 1, 0.95) == CONTINUE  # 5 at the rung, quota 1: e is the best not yet promoted
     assert rungs.arrive("f", 1, 0.7) == STOP  # 6, quota 2: e and c, both promoted already
@@ -48,7 +48,7 @@ def test_trials_tied_with_the_cut_go_on_as_they_cannot_be_told_apart():
 def test_a_first_arrival_that_is_best_is_promoted_from_its_pause_and_the_rest_stop():
     rungs = Rungs((1, 3), reduction_factor=3)
     assert [rungs.arrive(t, 1, score) for t, score in (("a", 0.9), ("b", 0.2), ("c", 0.1))] == [WAIT, WAIT, STOP]
-    assert rungs.losers({"a", "b"}) == ["b"]  # a is promotable: it stays to be resumed
+    assert rungs.losers({"a", "b"}) == [("b", 1)]  # a is promotable: it stays to be resumed
     assert rungs.next_promotion({"a"}) == "a" and rungs.next_promotion({"a"}) is None  # promoted once only
 
 

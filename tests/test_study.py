@@ -7,9 +7,10 @@ import shutil
 import pytest
 from optuna.trial import TrialState
 
+from tuneprod.tuning.endings import TrialEndings
 from tuneprod.tuning.results import LOST, RAY_TRIAL_ID, load_study
 from tuneprod.tuning.restore import resumed_at
-from tuneprod.tuning.study import StudySearch
+from tuneprod.tuning.study import StudySearch, close_open_trials
 
 START = {"lr": 0.01, "batch_size": 16}
 
@@ -21,13 +22,14 @@ def space(trial):
 
 def searcher(folder, start=(START,)) -> StudySearch:
     folder.mkdir(exist_ok=True)
-    return StudySearch(folder, "exp", 4, {"rungs": [1, 2]}, space=space, metric="val_acc", mode="max",
+    return StudySearch(folder, "exp", TrialEndings.open(folder, 4), {"rungs": [1, 2]}, space=space, metric="val_acc", mode="max",
                        points_to_evaluate=[dict(p) for p in start] or None)
 
 
 def report(search, trial_id, epoch, value):
     result = {"val_acc": value, "epoch": epoch, "training_iteration": epoch}
     search.on_trial_result(trial_id, result)
+    search._endings.observe(trial_id, result)  # as the console view does with every result
     return result
 
 
@@ -44,6 +46,7 @@ def test_each_ending_has_its_state_and_every_epoch_its_value(tmp_path):
     search.on_trial_complete("b", {"val_acc": 0.07, "epoch": 2, "training_iteration": 2})
     report(search, "c", 1, 0.3)
     search.on_trial_complete("c", None, error=True)
+    search._endings.cut_by_budget()
     search.on_trial_complete("d", None)  # cut by the time budget before its first report
 
     study = load_study(tmp_path)
@@ -54,6 +57,27 @@ def test_each_ending_has_its_state_and_every_epoch_its_value(tmp_path):
     assert trials["a"].value == pytest.approx(0.4) and len(trials["a"].intermediate_values) == 4
     assert trials["b"].intermediate_values == {1: 0.05, 2: 0.07} and trials["b"].value == pytest.approx(0.07)
     assert trials["d"].value is None
+    assert [search._endings.words(t) for t in "abcd"] == [
+        "ran all 4 epochs", "stopped by the scheduler after epoch 2", "failed in epoch 2",
+        "cut by the time budget before its first report"]
+
+
+def test_trials_ray_ends_without_telling_the_searcher_take_their_state_from_the_record(tmp_path):
+    """The budget's cut reaches neither the searcher nor the callbacks: at the end, the study follows the record."""
+    search = searcher(tmp_path)
+    for trial_id in "abc":
+        search.suggest(trial_id)
+    for epoch in range(1, 5):
+        report(search, "a", epoch, 0.1 * epoch)
+    report(search, "b", 1, 0.3)
+    endings = search._endings
+    endings.conclude("a", {"epoch": 4})
+    endings.cut_by_budget()
+    endings.conclude("b", {"epoch": 1})
+    close_open_trials(load_study(tmp_path), endings)
+    states = {t.user_attrs[RAY_TRIAL_ID]: (t.state, t.value) for t in load_study(tmp_path).trials}
+    assert states == {"a": (TrialState.COMPLETE, pytest.approx(0.4)), "b": (TrialState.PRUNED, pytest.approx(0.3)),
+                      "c": (TrialState.RUNNING, None)}  # c: no ending recorded, left as it is
 
 
 def test_a_resumed_search_reopens_the_moved_folder_and_ends_lost_trials(tmp_path):

@@ -26,6 +26,7 @@ from tuneprod.final.stage import FINAL, PREDICTIONS, load_experiment
 from tuneprod.spec import Spec, UserError
 from tuneprod.train.data import TEST_LABELS, load_rgb
 from tuneprod.tuning import results
+from tuneprod.tuning.endings import CUT, FAILED, FINISHED, STOPPED, TrialEndings
 
 REPORT = "report.html"
 MISCLASSIFIED_SHOWN = 24
@@ -92,10 +93,10 @@ def _html_table(frame: pd.DataFrame) -> str:
 
 def _summary(spec: Spec, table: pd.DataFrame, study: Optional[optuna.Study]) -> str:
     metric = spec.search.metric
-    endings = table["ended"].fillna("").str.extract(r"^(ran all|stopped|cut|failed)")[0].value_counts()
-    words = {"ran all": "ran to the end", "stopped": "stopped by the scheduler", "cut": "cut by the time budget",
-             "failed": "failed"}
-    counts = ", ".join(f"{n} {words[key]}" for key, n in endings.items())
+    words = {FINISHED: "ran to the end", STOPPED: "stopped by the scheduler", CUT: "cut by the time budget",
+             FAILED: "failed"}
+    ended = TrialEndings(spec.experiment_dir, spec.search.scheduler.max_epochs).counts(table["trial_id"])
+    counts = ", ".join(f"{n} {words[kind]}" for kind, n in ended.items() if n)
     try:
         best = results.best_row(table, metric)
         headline = (f"best {metric} <b>{best[metric]:.4f}</b> (trial {html.escape(str(best['trial_id']))}, epoch "
@@ -125,6 +126,10 @@ def _search_plots(spec: Spec, table: pd.DataFrame, study: Optional[optuna.Study]
     if study is None:
         return [_section("Learning curves", "<p>This experiment has no study.db (it predates it).</p>")]
     rungs = study.user_attrs.get("rungs") or []
+    if not any(trial.intermediate_values for trial in study.get_trials(deepcopy=False)):
+        # Optuna's plots would only warn on stderr that there is nothing to draw.
+        return [_section(title, "<p>No trial reported a result.</p>")
+                for title in ("Learning curves", "Which parameters mattered", "Parallel coordinates")]
     return [_section("Learning curves", _figure(_curves(study, rungs, spec.search.metric), "curves"),
                      f"{spec.search.metric} after every epoch of every trial (Optuna's intermediate values). Dotted "
                      f"lines: the scheduler's rungs; crosses: where a trial was stopped."),

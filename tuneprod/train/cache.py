@@ -26,7 +26,7 @@ from tuneprod.demo import generate_demo
 from tuneprod.spec import Spec
 from tuneprod.train.data import (DECODE_TIMEOUT_S, DataError, ImageSet, check_class_sizes, decode_resized, index_images,
                                  warn, warn_unreadable)
-from tuneprod.train.watchdog import DONE, TIMED_OUT, run_bounded
+from tuneprod.train.watchdog import DONE, TIMED_OUT, run_bounded, usable_cpus
 
 FORMAT_VERSION = 1  # bump when decode_resized or the layout changes: old stores then stop matching
 DEFAULT_ROOT = "~/.cache/tuneprod"
@@ -75,7 +75,7 @@ class DecodedCache:
     def ensure(self, progress: Callable[[str], None] = print, workers: Optional[int] = None) -> "DecodedCache":
         """Builds the store unless it exists; `workers` decode in parallel (default: this process's CPUs)."""
         if not self.ready():
-            self._build(progress, workers or _cpus())
+            self._build(progress, workers or usable_cpus())
         return self
 
     def images(self) -> np.ndarray:
@@ -133,15 +133,14 @@ class DecodedCache:
         tenth = max(1, count // 10)
         shown = [0]
 
+        # One descriptor for the whole build, shared by every worker (a forked one inherits it): pwrite takes its
+        # offset with each call, so the workers never move a shared file position. pwrite, not a writable mapping:
+        # writing through a map faults in every fresh page, which serialises the workers in the kernel.
+        descriptor = os.open(target, os.O_WRONLY)
+
         def decode_row(row: int) -> bool:
             pixels = decode_resized(self.paths[row], self.size)
-            # pwrite, not a writable mapping: writing through a map faults in every fresh page, which serialises
-            # the workers in the kernel.
-            descriptor = os.open(target, os.O_WRONLY)
-            try:
-                _write_at(descriptor, np.ascontiguousarray(pixels).data.cast("B"), data_offset + row * row_bytes)
-            finally:
-                os.close(descriptor)
+            _write_at(descriptor, np.ascontiguousarray(pixels).data.cast("B"), data_offset + row * row_bytes)
             return True
 
         def show(done: int) -> None:
@@ -149,7 +148,10 @@ class DecodedCache:
                 shown[0] = done // tenth
                 progress(f"tuneprod: decoded {done}/{count}")
 
-        outcome = run_bounded(decode_row, count, workers, DECODE_TIMEOUT_S, show)
+        try:
+            outcome = run_bounded(decode_row, count, workers, DECODE_TIMEOUT_S, show)
+        finally:
+            os.close(descriptor)
         slow = [str(self.paths[i]) for i in np.flatnonzero(outcome == TIMED_OUT)]
         if slow:
             warn(f"{len(slow)} image(s) took longer than {DECODE_TIMEOUT_S:g} s to decode and count as unreadable: "
@@ -169,10 +171,6 @@ def _write_at(descriptor: int, data: memoryview, offset: int) -> None:
     while data:  # pwrite may write less than asked
         written = os.pwrite(descriptor, data, offset)
         data, offset = data[written:], offset + written
-
-
-def _cpus() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
 def _check_free_space(root: Path, needed: int) -> None:

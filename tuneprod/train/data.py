@@ -17,7 +17,7 @@ import torch
 from PIL import Image, ImageOps
 
 from tuneprod.spec import Spec, UserError
-from tuneprod.train.watchdog import DONE, run_bounded
+from tuneprod.train.watchdog import DONE, run_bounded, usable_cpus
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
 MANIFEST_EXTENSIONS = (".csv", ".parquet")
@@ -209,7 +209,7 @@ def is_readable(path: Path) -> bool:
 
 def find_unreadable(paths: Sequence[Path]) -> list[Path]:
     """Files that do not decode, or take longer than DECODE_TIMEOUT_S to."""
-    outcome = run_bounded(lambda i: is_readable(paths[i]), len(paths), os.cpu_count() or 1, DECODE_TIMEOUT_S)
+    outcome = run_bounded(lambda i: is_readable(paths[i]), len(paths), usable_cpus(), DECODE_TIMEOUT_S)
     return [p for p, result in zip(paths, outcome) if result != DONE]
 
 

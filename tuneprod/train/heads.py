@@ -127,14 +127,10 @@ class HeadedModel(nn.Module):
             self.predict_by, self.knn_k, self.fusion = hp.predict_by, hp.knn_k, hp.fusion
         else:
             self.head = nn.Linear(body.num_features, num_classes)
-            self.predict_by = "head"
+        self.needs_gallery = hp.predicts_by_gallery  # the one rule, in Hyperparams
         size = hp.embedding_size if self.embedded else 0
         self.register_buffer("gallery", torch.zeros(0, size))
         self.register_buffer("gallery_labels", torch.zeros(0, dtype=torch.long))
-
-    @property
-    def needs_gallery(self) -> bool:
-        return self.predict_by != "head"
 
     @property
     def uses_targets(self) -> bool:

@@ -121,6 +121,7 @@ class TrainingRun:
         # short runs average recent weights rather than the initial ones.
         self.ema = ModelEmaV3(self.model, decay=hp.ema_decay, use_warmup=True) if hp.ema_decay > 0 else None
         self.targets_in_forward = getattr(self.model, "uses_targets", False)
+        self.predicts_by_gallery = hp.predicts_by_gallery  # a HeadedModel that embeds a gallery to predict
         steps_per_epoch = len(self.train_batches)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer,
@@ -186,7 +187,7 @@ class TrainingRun:
         model = self.eval_model
         total_loss, correct, seen, started = 0.0, 0, 0, time.perf_counter()
         embedded = 0  # gallery images: forward passes too, which the budget's speed must count
-        if getattr(model, "needs_gallery", False):
+        if self.predicts_by_gallery:
             model.set_gallery(self._gallery_batches())
             embedded = len(model.gallery)
         try:
@@ -196,7 +197,7 @@ class TrainingRun:
                 correct += (logits.argmax(1) == labels).sum().item()
                 seen += len(labels)
         finally:
-            if getattr(model, "needs_gallery", False):
+            if self.predicts_by_gallery:
                 model.clear_gallery()
         elapsed = time.perf_counter() - started
         return {"val_loss": total_loss / seen, "val_acc": correct / seen,
@@ -206,7 +207,7 @@ class TrainingRun:
         """The trained model in eval mode, as it is saved: with its gallery (every training image embedded) when
         it predicts by one."""
         model = self.eval_model.eval()
-        if getattr(model, "needs_gallery", False):
+        if self.predicts_by_gallery:
             model.set_gallery(self._gallery_batches())
         return model
 

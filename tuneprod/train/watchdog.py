@@ -10,6 +10,7 @@ carries on.
 from __future__ import annotations
 
 import multiprocessing
+import os
 import signal
 import threading
 import time
@@ -19,6 +20,11 @@ import numpy as np
 
 PENDING, DONE, FAILED, TIMED_OUT = 0, 1, 2, 3
 TICK_S = 0.1
+
+
+def usable_cpus() -> int:
+    """The CPUs this process may run on: Ray pins a worker to its share (its CPU affinity), not os.cpu_count()."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
 def can_fork() -> bool:

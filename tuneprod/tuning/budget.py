@@ -16,6 +16,9 @@ from typing import Callable, Optional, Sequence
 
 from ray import tune
 
+from tuneprod.spec import Hyperparams
+from tuneprod.tuning.endings import TrialEndings
+
 FIXED_OVERHEAD_S = 30.0  # member tasks started, models built, the artifact written and loaded again to predict
 DECODE_S_PER_IMAGE = 0.004  # a test photo read and resized for prediction (a 256 px JPEG, one core)
 
@@ -61,12 +64,19 @@ def makespan(durations: Sequence[float], slots: int) -> float:
     return max(ends)
 
 
-def final_estimate(work: Workload, speed: Speed, member_epochs: Sequence[int]) -> FinalEstimate:
+@dataclass(frozen=True)
+class MemberPlan:
+    epochs: int
+    gallery: bool = False  # predicts by a gallery: one more pass over every labelled image, to embed them
+
+
+def final_estimate(work: Workload, speed: Speed, members: Sequence[MemberPlan]) -> FinalEstimate:
     if not work.final:
         return FinalEstimate(0.0, 0.0, 0.0)
     epoch_s = work.labelled_images / speed.train_images_per_s
-    members_s = makespan([epochs * epoch_s for epochs in member_epochs], work.slots)
-    per_image_s = work.views * len(member_epochs) / speed.eval_images_per_s + DECODE_S_PER_IMAGE
+    gallery_s = work.labelled_images / speed.eval_images_per_s
+    members_s = makespan([m.epochs * epoch_s + (gallery_s if m.gallery else 0.0) for m in members], work.slots)
+    per_image_s = work.views * len(members) / speed.eval_images_per_s + DECODE_S_PER_IMAGE
     return FinalEstimate(members_s, work.test_images * per_image_s, FIXED_OVERHEAD_S)
 
 
@@ -78,7 +88,7 @@ def minimum_seconds(work: Workload, speed: Speed, grace_period: int) -> tuple[fl
     """The least a run can do: one trial to its first rung, then members of that many epochs, then predictions.
     Returns (total, the trial's part, the final part)."""
     epochs = work.member_epochs_default or grace_period
-    final = final_estimate(work, speed, [epochs] * (work.members * work.seeds))
+    final = final_estimate(work, speed, [MemberPlan(epochs)] * (work.members * work.seeds))
     trial = trial_seconds(work, speed, grace_period)
     return trial + final.total_s, trial, final
 
@@ -87,6 +97,7 @@ def minimum_seconds(work: Workload, speed: Speed, grace_period: int) -> tuple[fl
 class _TrialBest:
     score: float  # higher is better
     epoch: int
+    gallery: bool  # its model predicts by a gallery
 
 
 class BudgetStopper(tune.Stopper):
@@ -104,6 +115,7 @@ class BudgetStopper(tune.Stopper):
         self.eval_speeds: list[float] = []
         self.started = time.monotonic()
         self.stopped = False
+        self.endings: Optional[TrialEndings] = None  # the search's record, where the cut is written
 
     def __call__(self, trial_id: str, result: dict) -> bool:
         value = result.get(self.metric)
@@ -111,7 +123,8 @@ class BudgetStopper(tune.Stopper):
             score = self.sign * value
             best = self.best.get(trial_id)
             if best is None or score > best.score:
-                self.best[trial_id] = _TrialBest(score, int(result.get("epoch", 1)))
+                gallery = Hyperparams.from_params(result.get("config") or {}).predicts_by_gallery
+                self.best[trial_id] = _TrialBest(score, int(result.get("epoch", 1)), gallery)
         for key, speeds in (("images_per_s", self.train_speeds), ("eval_images_per_s", self.eval_speeds)):
             if result.get(key):
                 speeds.append(float(result[key]))
@@ -121,14 +134,15 @@ class BudgetStopper(tune.Stopper):
         return Speed(statistics.median(self.train_speeds) if self.train_speeds else self.first_speed.train_images_per_s,
                      statistics.median(self.eval_speeds) if self.eval_speeds else self.first_speed.eval_images_per_s)
 
-    def member_epochs(self) -> list[int]:
-        """Epochs of each planned member: the best trials so far, each with the seeds it will be trained with."""
+    def members(self) -> list[MemberPlan]:
+        """The planned members: the best trials so far, each with the seeds it will be trained with."""
         top = sorted(self.best.values(), key=lambda b: -b.score)[:self.work.members]
-        epochs = [self.work.member_epochs_default or b.epoch for b in top] or [self.work.member_epochs_default or 1]
-        return [e for e in epochs for _ in range(self.work.seeds)]
+        plans = [MemberPlan(self.work.member_epochs_default or b.epoch, b.gallery) for b in top] or \
+            [MemberPlan(self.work.member_epochs_default or 1)]
+        return [plan for plan in plans for _ in range(self.work.seeds)]
 
     def estimate(self) -> FinalEstimate:
-        return final_estimate(self.work, self.speed(), self.member_epochs())
+        return final_estimate(self.work, self.speed(), self.members())
 
     def used_s(self) -> float:
         return time.monotonic() - self.started
@@ -139,8 +153,10 @@ class BudgetStopper(tune.Stopper):
         estimate = self.estimate()
         if self.used_s() + estimate.total_s >= self.budget_s:
             self.stopped = True
+            if self.endings is not None:
+                self.endings.cut_by_budget()
             left = self.budget_s - self.used_s()
-            what = (f"~{estimate.members_s:.0f} s for the final stage ({len(self.member_epochs())} member(s)), "
+            what = (f"~{estimate.members_s:.0f} s for the final stage ({len(self.members())} member(s)), "
                     f"~{estimate.predict_s:.0f} s for predictions and ~{estimate.overhead_s:.0f} s of setup"
                     if self.work.final else "nothing after the trials")
             self.progress(f"tuneprod: {self.used_s():.0f} s of the {self.budget_s:.0f} s budget used: ending the "

@@ -1,23 +1,21 @@
 """One compact view of a running search, in place of Ray's per-trial tables: trials finished / running / waiting /
 stopped / failed, the best result so far, time used (of the budget) and an estimate of the time left. On a terminal
 it is one line rewritten in place; elsewhere (CI, a log file) a plain line when something changed, at most every
-PLAIN_EVERY_S seconds, and at least every PLAIN_QUIET_S. It also records how each trial ended, for the table."""
+PLAIN_EVERY_S seconds, and at least every PLAIN_QUIET_S. It concludes each trial's ending in the search's record
+(tuning/endings.py) as Ray reports the trial's end, and counts from that record."""
 from __future__ import annotations
 
-import json
 import math
 import shutil
 import sys
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Optional, TextIO
 
 from ray import tune
 
-from tuneprod.files import atomic_write
 from tuneprod.tuning.budget import BudgetStopper
-from tuneprod.tuning.results import ENDINGS, FAILED, FAILED_IN_EPOCH, ending
+from tuneprod.tuning.endings import CUT, FAILED, FINISHED, STOPPED, TrialEndings
 
 TTY_EVERY_S = 1.0
 PLAIN_EVERY_S = 15.0
@@ -38,14 +36,13 @@ def clock(seconds: float) -> str:
 
 
 class SearchView(tune.Callback):
-    def __init__(self, num_samples: int, metric: str, mode: str, max_epochs: int,
+    def __init__(self, num_samples: int, metric: str, mode: str, endings: TrialEndings,
                  budget: Optional[BudgetStopper] = None, out: Optional[TextIO] = None, show: bool = True):
         """`show`: False records the endings only (with --verbose, Ray's own tables take the console)."""
         self.num_samples, self.metric, self.sign = num_samples, metric, (1.0 if mode == "max" else -1.0)
-        self.max_epochs, self.budget, self.show = max_epochs, budget, show
+        self.endings, self.budget, self.show = endings, budget, show
         self._out = out
         self.best: Optional[Best] = None
-        self.endings: dict[str, str] = {}
         self._restart_clock()
 
     def _restart_clock(self) -> None:
@@ -66,6 +63,7 @@ class SearchView(tune.Callback):
         return self._out or sys.stdout
 
     def on_trial_result(self, iteration, trials, trial, result, **info) -> None:
+        self.endings.observe(trial.trial_id, result)
         value = result.get(self.metric)
         if isinstance(value, (int, float)) and math.isfinite(value) and \
                 (self.best is None or self.sign * value > self.sign * self.best.value):
@@ -73,10 +71,12 @@ class SearchView(tune.Callback):
             self.changed = True
 
     def on_trial_complete(self, iteration, trials, trial, **info) -> None:
-        self._ended(trial, failed=False)
+        self.endings.conclude(trial.trial_id, trial.last_result)
+        self.changed = True
 
     def on_trial_error(self, iteration, trials, trial, **info) -> None:
-        self._ended(trial, failed=True)
+        self.endings.conclude(trial.trial_id, trial.last_result, errored=True)
+        self.changed = True
 
     def on_trial_recover(self, iteration, trials, trial, **info) -> None:
         """Its worker process or node was lost (Ray retries only that): it goes on from its last checkpoint."""
@@ -87,19 +87,6 @@ class SearchView(tune.Callback):
 
     def _fresh_line(self) -> str:
         return "\r\x1b[K" if self.out.isatty() else ""
-
-    def _ended(self, trial, failed: bool) -> None:
-        last = trial.last_result or {}
-        if FAILED in last:  # the trial's own failure, reported as its last result
-            failed, epochs = True, int(last[FAILED_IN_EPOCH]) - 1
-        else:
-            epochs = int(last.get("epoch", 0))
-        self.endings[trial.trial_id] = ending(epochs, self.max_epochs, failed,
-                                              self.budget is not None and self.budget.stopped)
-        self.changed = True
-        folder = Path(trial.storage.experiment_fs_path)
-        if folder.is_dir():  # the endings go beside trials.parquet, which reads them
-            atomic_write(folder / ENDINGS, lambda path: path.write_text(json.dumps(self.endings, indent=1)))
 
     def on_step_end(self, iteration, trials, **info) -> None:
         now = time.monotonic()
@@ -118,15 +105,16 @@ class SearchView(tune.Callback):
             self.last_shown, self.changed = now, False
 
     def on_experiment_end(self, trials, **info) -> None:
+        # Ray ends the trials the budget stops without telling anyone: they end here, cut.
+        self.endings.conclude_open((trial.trial_id, trial.last_result) for trial in trials)
         if self.show:
             print(self._fresh_line() + self.line(trials), file=self.out, flush=True)
 
     def line(self, trials) -> str:
         statuses = [trial.status for trial in trials]
-        ended = [self.endings.get(trial.trial_id, "") for trial in trials if trial.status in ("TERMINATED", "ERROR")]
-        counts = {"finished": sum(e.startswith("ran all") for e in ended),
-                  "stopped": sum(e.startswith(("stopped", "cut")) for e in ended),
-                  "failed": sum(e.startswith("failed") for e in ended), "running": statuses.count("RUNNING"),
+        ended = self.endings.counts(trial.trial_id for trial in trials)
+        counts = {"finished": ended[FINISHED], "stopped": ended[STOPPED], "cut by the budget": ended[CUT],
+                  "failed": ended[FAILED], "running": statuses.count("RUNNING"),
                   "waiting": statuses.count("PAUSED"), "pending": statuses.count("PENDING")}
         shown = ", ".join(f"{n} {what}" for what, n in counts.items() if n)
         best = (f"best {self.metric} {self.best.value:.4f} (trial {self.best.trial_id}, epoch {self.best.epoch})"
@@ -135,15 +123,17 @@ class SearchView(tune.Callback):
         budget = f" of {clock(self.budget.budget_s)} budget" if self.budget else ""
         left = self.time_left(trials, elapsed)
         left_text = f", ~{clock(left)} left" if left is not None else ""
-        return (f"search {clock(elapsed)}{budget}{left_text} | {len(ended)}/{self.num_samples} trials done"
+        return (f"search {clock(elapsed)}{budget}{left_text} | {sum(ended.values())}/{self.num_samples} trials done"
                 f"{': ' + shown if shown else ''} | {best}")
 
     def time_left(self, trials, elapsed: float) -> Optional[float]:
         """Epochs still to run over the epochs per second so far: a trial not yet ended runs as many as the ended
         ones did on average (at least one more), one not yet created as many. Never past the budget. None until a
         trial has ended."""
-        epochs = {trial.trial_id: int((trial.last_result or {}).get("epoch", 0)) for trial in trials}
-        done = [trial.trial_id for trial in trials if trial.status in ("TERMINATED", "ERROR")]
+        ended = self.endings.ended
+        epochs = {trial.trial_id: ended[trial.trial_id].epoch if trial.trial_id in ended else
+                  self.endings.last_epoch.get(trial.trial_id, 0) for trial in trials}
+        done = [trial.trial_id for trial in trials if trial.trial_id in ended]
         if not done or not sum(epochs.values()) or elapsed <= 0:
             return None
         per_trial = sum(epochs[t] for t in done) / len(done)

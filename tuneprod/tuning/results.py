@@ -1,7 +1,6 @@
 """The results table (one row per trial) and the best configuration, from what the trials reported."""
 from __future__ import annotations
 
-import json
 import math
 import os
 import re
@@ -15,18 +14,14 @@ import yaml
 
 from tuneprod.files import atomic_write
 from tuneprod.spec import PARAMS
+from tuneprod.tuning.endings import FAILED_RESULT, STOPPED, CUT, TrialEndings
 
 TRIALS_PARQUET = "trials.parquet"
 TRIALS_CSV = "trials.csv"
 BEST_CONFIG = "best_config.yaml"
-ENDINGS = "trial_endings.json"  # trial id -> how it ended, written by the console view as trials end
 STUDY_DB = "study.db"  # the search's Optuna study (tuning/study.py writes it; the dashboard and report read it)
 RAY_TRIAL_ID = "ray_trial_id"  # the user attribute that ties an Optuna trial to its row of trials.parquet
 LOST = "lost"  # user attribute of a trial the driver asked for but Ray never recorded (a driver killed hard)
-# A trial's own failure (NaN loss, out of memory, a model that cannot take the image size) is its last result, not a
-# crash: Ray retries crashes (a lost worker or node) from the last checkpoint, and would retry these for nothing.
-FAILED = "trial_failed"  # that result's message
-FAILED_IN_EPOCH = "failed_in_epoch"
 
 
 @dataclass
@@ -39,17 +34,28 @@ class TrialRecord:
     error: Optional[str] = None
 
 
-def records_from_grid(grid, param_names: list[str]) -> list[TrialRecord]:
-    """Reads a Ray ResultGrid; errored trials that never reported still get a row."""
+def records_from_grid(grid, param_names: list[str], proposed: Optional[dict[str, dict]] = None) -> list[TrialRecord]:
+    """Reads a Ray ResultGrid; trials that never reported (errored, or cut before their first report) still get a
+    row, with the parameters the searcher proposed for them (`proposed`: trial id -> parameters)."""
     records = []
     for result in grid:
         history = [] if result.metrics_dataframe is None else result.metrics_dataframe.to_dict("records")
         trial_id = (result.metrics or {}).get("trial_id") or _trial_id_from_path(result.path)
-        params = {k: v for k, v in (result.config or {}).items() if k in param_names}
+        config = result.config or (proposed or {}).get(trial_id) or {}
+        params = {k: v for k, v in config.items() if k in param_names}
         error = None if result.error is None else _first_line(result.error)
-        failure = history[-1].get(FAILED) if history else None
+        failure = history[-1].get(FAILED_RESULT) if history else None
         records.append(TrialRecord(trial_id, params, history, failure if isinstance(failure, str) else error))
     return records
+
+
+def proposed_params(study: Optional[optuna.Study], fixed: dict) -> dict[str, dict]:
+    """Ray trial id -> the parameters the searcher proposed (the study's sampled values and the space's fixed
+    ones): what a trial that never reported ran with."""
+    if study is None:
+        return {}
+    return {trial.user_attrs[RAY_TRIAL_ID]: {**fixed, **trial.params} for trial in study.get_trials(deepcopy=False)
+            if RAY_TRIAL_ID in trial.user_attrs}
 
 
 def _trial_id_from_path(path: str) -> str:
@@ -69,28 +75,11 @@ def describe(error: BaseException) -> str:
     return lines[-1] if lines else type(error).__name__
 
 
-def ending(epochs: int, max_epochs: int, failed: bool, budget_spent: bool) -> str:
-    """Why a trial ended, in the words of the table's `ended` column."""
-    if failed:
-        return f"failed in epoch {epochs + 1}"
-    if epochs >= max_epochs:
-        return f"ran all {max_epochs} epochs"
-    if budget_spent:
-        return f"cut by the time budget after epoch {epochs}" if epochs else \
-            "cut by the time budget before its first report"
-    return f"stopped by the scheduler after epoch {epochs}"
-
-
-def read_endings(experiment_dir: Path) -> dict[str, str]:
-    path = Path(experiment_dir) / ENDINGS
-    return json.loads(path.read_text()) if path.is_file() else {}
-
-
 def trials_table(records: list[TrialRecord], param_names: list[str], metric: str, mode: str,
-                 max_epochs: int, endings: Optional[dict[str, str]] = None) -> pd.DataFrame:
-    """One row per trial, best first: parameters, best metrics and the epoch they peaked, and how it ended
-    (`endings`, as the search recorded them; else worked out from the epochs run)."""
-    rows = [_row(record, param_names, metric, mode, max_epochs, endings or {}) for record in records]
+                 endings: TrialEndings) -> pd.DataFrame:
+    """One row per trial, best first: parameters, best metrics and the epoch they peaked, and how it ended (as
+    the search recorded it; a trial the record lacks is concluded by its rule from its last report)."""
+    rows = [_row(record, param_names, metric, mode, endings) for record in records]
     columns = (["trial_id", "status"] + param_names +
                ["val_acc", "val_loss", "best_epoch", "epochs_run", "stopped_early", "ended", "wall_time_s",
                 "images_per_s", "error"])
@@ -98,14 +87,14 @@ def trials_table(records: list[TrialRecord], param_names: list[str], metric: str
     return table.sort_values(metric, ascending=mode == "min", na_position="last", kind="stable").reset_index(drop=True)
 
 
-def _row(record: TrialRecord, param_names: list[str], metric: str, mode: str, max_epochs: int,
-         endings: dict[str, str]) -> dict:
+def _row(record: TrialRecord, param_names: list[str], metric: str, mode: str, endings: TrialEndings) -> dict:
     reported = [h for h in record.history if _finite(h.get(metric))]
     best = (max if mode == "max" else min)(reported, key=lambda h: h[metric]) if reported else {}
     last = record.history[-1] if record.history else {}
     completed = [h for h in record.history if _finite(h.get("epoch"))]  # not a failure's last report
     speeds = [h["images_per_s"] for h in record.history if _finite(h.get("images_per_s"))]
     epochs_run = int(completed[-1]["epoch"]) if completed else 0
+    ending = endings.conclude(record.trial_id, last if last else None, errored=record.error is not None)
     return {
         "trial_id": record.trial_id,
         "status": "ERROR" if record.error else "TERMINATED",
@@ -114,9 +103,8 @@ def _row(record: TrialRecord, param_names: list[str], metric: str, mode: str, ma
         "val_loss": min((h["val_loss"] for h in record.history if _finite(h.get("val_loss"))), default=None),
         "best_epoch": int(best["epoch"]) if best else None,
         "epochs_run": epochs_run,
-        # ASHA's stop is the only way a healthy trial ends before max_epochs (or the search's time budget).
-        "stopped_early": record.error is None and epochs_run < max_epochs,
-        "ended": endings.get(record.trial_id) or ending(epochs_run, max_epochs, record.error is not None, False),
+        "stopped_early": ending.kind in (STOPPED, CUT),
+        "ended": ending.words(endings.max_epochs),
         "wall_time_s": last.get("time_total_s"),
         "images_per_s": sum(speeds) / len(speeds) if speeds else None,
         "error": record.error,

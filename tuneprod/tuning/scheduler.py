@@ -18,9 +18,10 @@ import math
 from typing import Iterable, Optional
 
 from ray.tune.experiment import Trial
-from ray.tune.schedulers import FIFOScheduler, TrialScheduler
+from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, TrialScheduler
 from ray.tune.search import ConcurrencyLimiter, Searcher
 
+from tuneprod.tuning.endings import TrialEndings
 from tuneprod.tuning.restore import reported_epochs, resuming
 
 CONTINUE, WAIT, STOP = "continue", "wait", "stop"
@@ -85,14 +86,14 @@ class Rungs:
                     return self._promote(trial)
         return None
 
-    def losers(self, paused: set[str]) -> list[str]:
-        """With stop_losers: the waiting trials whose rung now holds enough results and that are not among its best;
-        they leave the rung (to be stopped)."""
+    def losers(self, paused: set[str]) -> list[tuple[str, int]]:
+        """With stop_losers: (trial, rung) of the waiting trials whose rung now holds enough results and that are not
+        among its best; they leave the rung (to be stopped)."""
         if not self.stop_losers:
             return []
-        lost = [t for t, rung in self.waiting.items()
+        lost = [(t, rung) for t, rung in self.waiting.items()
                 if t in paused and self.decided(rung) and t not in self.promotable(rung)]
-        for trial in lost:
+        for trial, _ in lost:
             self.leave(trial)
         return lost
 
@@ -126,8 +127,11 @@ class PromotingASHA(FIFOScheduler):
     closing the rungs. Rungs count epochs (`epoch` in each report); `metric` and `mode` rank trials at the rungs."""
 
     def __init__(self, metric: str, mode: str, max_epochs: int, grace_period: int, reduction_factor: float,
-                 max_concurrent: Optional[int] = None, stop_losers: bool = True):
+                 max_concurrent: Optional[int] = None, stop_losers: bool = True,
+                 endings: Optional[TrialEndings] = None):
+        """`endings`: the search's record, where each stop is written as it is decided."""
         super().__init__()
+        self.endings = endings or TrialEndings(None, max_epochs)
         self.max_concurrent = max_concurrent  # trials running at once (search.max_concurrent_trials), if limited
         self._metric = metric
         self._sign = 1.0 if mode == "max" else -1.0  # Rungs ranks higher scores first
@@ -158,6 +162,8 @@ class PromotingASHA(FIFOScheduler):
         if epoch not in self.rungs.milestones or self._metric not in result:
             return TrialScheduler.CONTINUE
         decision = self.rungs.arrive(trial.trial_id, epoch, self._sign * float(result[self._metric]))
+        if decision == STOP:
+            self.endings.stopped(trial.trial_id, epoch)
         return {CONTINUE: TrialScheduler.CONTINUE, WAIT: TrialScheduler.PAUSE, STOP: TrialScheduler.STOP}[decision]
 
     def on_trial_add(self, tune_controller, trial: Trial) -> None:
@@ -178,7 +184,8 @@ class PromotingASHA(FIFOScheduler):
     def choose_trial_to_run(self, tune_controller) -> Optional[Trial]:
         trials = tune_controller.get_trials()
         paused = {t.trial_id: t for t in trials if t.status == Trial.PAUSED}
-        for loser in self.rungs.losers(set(paused)):  # their rung filled up with better trials
+        for loser, rung in self.rungs.losers(set(paused)):  # their rung filled up with better trials
+            self.endings.stopped(loser, rung)
             tune_controller.stop_trial(paused.pop(loser))
         active = sum(t.status in (Trial.RUNNING, Trial.PENDING) for t in trials)
         if self.max_concurrent is not None and active >= self.max_concurrent:
@@ -199,11 +206,26 @@ class PromotingASHA(FIFOScheduler):
         if chosen:
             return paused[chosen]
         for trial in paused.values():  # they end at the rung they wait at: stopped early, as ASHA intends
+            self.endings.stopped(trial.trial_id, self.rungs.waiting.get(trial.trial_id, 0))
             tune_controller.stop_trial(trial)
         return None
 
     def debug_string(self) -> str:
         return f"promoting ASHA: rungs at epochs {', '.join(map(str, self.rungs.milestones))}"
+
+
+class RecordingASHA(ASHAScheduler):
+    """Ray's ASHA (`asha_stopping`), writing each stop it decides into the search's record."""
+
+    def __init__(self, endings: TrialEndings, **options):
+        super().__init__(**options)
+        self.endings = endings
+
+    def on_trial_result(self, tune_controller, trial: Trial, result: dict) -> str:
+        decision = super().on_trial_result(tune_controller, trial, result)
+        if decision == TrialScheduler.STOP and result.get("epoch", 0) < self.endings.max_epochs:
+            self.endings.stopped(trial.trial_id, int(result.get("epoch", 0)))
+        return decision
 
 
 class RunningTrialsLimiter(ConcurrencyLimiter):

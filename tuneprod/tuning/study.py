@@ -1,6 +1,7 @@
 """The search's Optuna study, kept in an SQLite file inside the experiment folder: optuna-dashboard reads it live,
-the report after. Every epoch's metric is an intermediate value; a trial the scheduler (or the time budget) ended
-before max_epochs is PRUNED, as Optuna's own pruners record it; a failed trial is FAIL."""
+the report after. Every epoch's metric is an intermediate value; a trial's state follows the search's record of how
+it ended (tuning/endings.py): one the scheduler stopped or the time budget cut is PRUNED, as Optuna's own pruners
+record it; a failed one is FAIL; one that ran all its epochs is COMPLETE."""
 from __future__ import annotations
 
 import pickle
@@ -12,16 +13,18 @@ from optuna.trial import TrialState
 from ray.tune.result import TRAINING_ITERATION
 from ray.tune.search.optuna import OptunaSearch
 
+from tuneprod.tuning.endings import FAILED, FAILED_RESULT, FINISHED, Ending, TrialEndings
 from tuneprod.tuning.restore import resuming
-from tuneprod.tuning.results import FAILED, LOST, RAY_TRIAL_ID, STUDY_DB, study_storage
+from tuneprod.tuning.results import LOST, RAY_TRIAL_ID, STUDY_DB, study_storage
+
 
 class StudySearch(OptunaSearch):
     """Ray's OptunaSearch on a study stored in the experiment folder. Its saved state holds trial numbers, not the
     study: a resumed search reopens the file where the folder now is, and asks no start point twice."""
 
-    def __init__(self, experiment_dir: Path, study_name: str, max_epochs: int, notes: dict, **options):
+    def __init__(self, experiment_dir: Path, study_name: str, endings: TrialEndings, notes: dict, **options):
         self._experiment_dir = Path(experiment_dir)
-        self._max_epochs = max_epochs
+        self._endings = endings
         super().__init__(storage=study_storage(experiment_dir), study_name=study_name, **options)
         self._ot_study.set_metric_names([self._metric])  # the dashboard's axis says val_acc, not "Objective 0"
         for key, value in notes.items():  # what the report needs to draw the search: rungs, metric, budget
@@ -35,22 +38,24 @@ class StudySearch(OptunaSearch):
         return config
 
     def on_trial_result(self, trial_id: str, result: dict) -> None:
-        if FAILED not in result:  # a failure's report is no point of the learning curve
+        if FAILED_RESULT not in result:  # a failure's report is no point of the learning curve
             super().on_trial_result(trial_id, result)
 
     def on_trial_complete(self, trial_id: str, result: Optional[dict] = None, error: bool = False) -> None:
         if trial_id in self._completed_trials or trial_id not in self._ot_trials:
             return
         trial = self._ot_trials[trial_id]
-        if error or (result and FAILED in result):
+        state = study_state(self._endings.conclude(trial_id, result, errored=error))
+        if state == TrialState.FAIL:
             self._ot_study.tell(trial, state=TrialState.FAIL)
-        elif result and result.get("epoch", 0) >= self._max_epochs and result.get(self._metric) is not None:
+        elif state == TrialState.COMPLETE and result and result.get(self._metric) is not None:
             self._ot_study.tell(trial, result[self._metric])
         else:  # stopped at a rung, or cut by the time budget: Optuna takes its last intermediate value
             # Ray passes the result that a scheduler stopped the trial on to this call alone, not to
             # on_trial_result: it is the rung's value, and belongs on the learning curve.
             reported = self._storage.get_trial(trial._trial_id).intermediate_values
-            if result and result.get(self._metric) is not None and result[TRAINING_ITERATION] not in reported:
+            if result and result.get(self._metric) is not None and result.get(TRAINING_ITERATION) not in reported \
+                    and TRAINING_ITERATION in result:
                 trial.report(result[self._metric], result[TRAINING_ITERATION])
             self._ot_study.tell(trial, state=TrialState.PRUNED)
         self._completed_trials.add(trial_id)
@@ -93,3 +98,24 @@ class StudySearch(OptunaSearch):
         # The saved state holds each trial's storage id (see __getstate__).
         self._ot_trials = {ray_id: optuna.Trial(self._ot_study, storage_id)
                            for ray_id, storage_id in self._ot_trials.items()}
+
+
+def study_state(ending: Ending) -> TrialState:
+    return {FAILED: TrialState.FAIL, FINISHED: TrialState.COMPLETE}.get(ending.kind, TrialState.PRUNED)
+
+
+def close_open_trials(study: Optional[optuna.Study], endings: TrialEndings) -> None:
+    """Trials Ray ended without telling the searcher (the budget's cut) take their state from the record; a
+    finished one its last value."""
+    if study is None:
+        return
+    for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        ending = endings.ended.get(trial.user_attrs.get(RAY_TRIAL_ID))
+        if ending is None:
+            continue
+        state = study_state(ending)
+        values = trial.intermediate_values
+        if state == TrialState.COMPLETE and values:
+            study.tell(trial.number, values[max(values)])
+        else:
+            study.tell(trial.number, state=TrialState.PRUNED if state == TrialState.COMPLETE else state)

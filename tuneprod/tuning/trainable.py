@@ -15,7 +15,8 @@ from ray import tune
 from tuneprod.spec import Hyperparams, TrialConfig
 from tuneprod.train.cache import DecodedImages
 from tuneprod.train.loop import TrainingRun
-from tuneprod.tuning.results import FAILED, FAILED_IN_EPOCH, describe
+from tuneprod.tuning.endings import FAILED_IN_EPOCH, FAILED_RESULT
+from tuneprod.tuning.results import describe
 
 STATE_FILE = "state.pt"
 
@@ -54,7 +55,7 @@ def train_trial(config: dict, data: TrialData) -> None:
                 tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(folder))
     except Exception as exc:  # the trial's own failure: its last result, so that Ray does not retry it
         # No `epoch`: no rung may count it. Both metrics, NaN: Ray insists on the search metric in every result.
-        tune.report({FAILED: describe(exc), FAILED_IN_EPOCH: (run.epoch if run else 0) + 1,
+        tune.report({FAILED_RESULT: describe(exc), FAILED_IN_EPOCH: (run.epoch if run else 0) + 1,
                      "val_acc": math.nan, "val_loss": math.nan})
     finally:
         # A trial ASHA stops leaves through tune.report; its memory goes back to the GPU now, for the trials

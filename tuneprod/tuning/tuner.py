@@ -14,7 +14,7 @@ from typing import Callable, Optional
 
 import ray
 from ray import tune
-from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+from ray.tune.schedulers import FIFOScheduler
 
 from tuneprod.final.ensemble import view_count
 from tuneprod.spec import EXPERIMENT_SPEC, Hyperparams, SearchInterrupted, Spec, TrialConfig, UserError
@@ -23,13 +23,16 @@ from tuneprod.train.data import DataError, check_test_images, list_images, valid
 from tuneprod.train.loop import measure_speed
 from tuneprod.train.models import WeightsError, ensure_pretrained_weights
 from tuneprod.tuning import results
-from tuneprod.tuning.budget import BudgetStopper, Speed, Workload, final_estimate, minimum_seconds, trial_seconds
+from tuneprod.tuning.budget import (BudgetStopper, MemberPlan, Speed, Workload, final_estimate, minimum_seconds,
+                                    trial_seconds)
 from tuneprod.tuning.console import SearchView
+from tuneprod.tuning.endings import CUT, FAILED, FINISHED, STOPPED, TrialEndings
 from tuneprod.tuning.packing import PROBE_RECORD, PackingTable, measure_gpu
-from tuneprod.tuning.scheduler import PromotingASHA, RunningTrialsLimiter, auto_grace_period, milestones
+from tuneprod.tuning.scheduler import (PromotingASHA, RecordingASHA, RunningTrialsLimiter, auto_grace_period,
+                                       milestones)
 from tuneprod.tuning.space import DefineByRun, sampler
 from tuneprod.tuning.restore import resumed_at
-from tuneprod.tuning.study import StudySearch
+from tuneprod.tuning.study import StudySearch, close_open_trials
 from tuneprod.tuning.trainable import TrialData, train_trial
 
 PROBE_TIMEOUT_S = 900  # a GPU busy with other work, or a cluster that never gets one: give up, use whole GPUs
@@ -74,8 +77,11 @@ def run_search(spec: Spec, address: Optional[str] = None, progress: Callable[[st
     # Only now, with every check passed, does the experiment folder appear.
     spec = claim_experiment_dir(spec)
     progress(f"tuneprod: results go to {spec.experiment_dir}")
-    scheduler = _scheduler(spec, grace, progress)
-    searcher, max_concurrent = _searcher(spec, grace), spec.search.max_concurrent_trials
+    endings = TrialEndings.open(spec.experiment_dir, spec.search.scheduler.max_epochs)
+    if stopper is not None:
+        stopper.endings = endings
+    scheduler = _scheduler(spec, grace, endings, progress)
+    searcher, max_concurrent = _searcher(spec, grace, endings), spec.search.max_concurrent_trials
     if isinstance(scheduler, PromotingASHA) and max_concurrent:  # trials waiting at a rung must not count
         searcher, max_concurrent = RunningTrialsLimiter(searcher, max_concurrent, scheduler.rungs), None
     tuner = tune.Tuner(
@@ -91,16 +97,16 @@ def run_search(spec: Spec, address: Optional[str] = None, progress: Callable[[st
             name=spec.name, storage_path=str(spec.storage), stop=stopper,
             checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
             failure_config=tune.FailureConfig(max_failures=spec.search.max_failures),
-            callbacks=[_view(spec, stopper, show=not verbose)], verbose=1 if verbose else 0),
+            callbacks=[_view(spec, endings, stopper, show=not verbose)], verbose=1 if verbose else 0),
     )
     progress(f"tuneprod: watch it with `tuneprod dashboard {spec.experiment_dir}` or "
              f"`tensorboard --logdir {spec.experiment_dir}`")
-    return _fit(spec, tuner, images, progress, verbose)
+    return _fit(spec, tuner, images, endings, progress, verbose)
 
 
-def _view(spec: Spec, stopper: Optional[BudgetStopper], show: bool) -> SearchView:
-    return SearchView(spec.search.num_samples, spec.search.metric, spec.search.direction,
-                      spec.search.scheduler.max_epochs, stopper, show=show)
+def _view(spec: Spec, endings: TrialEndings, stopper: Optional[BudgetStopper], show: bool) -> SearchView:
+    return SearchView(spec.search.num_samples, spec.search.metric, spec.search.direction, endings, stopper,
+                      show=show)
 
 
 def grace_period(spec: Spec, data: TrialData) -> int:
@@ -133,7 +139,8 @@ def plan_budget(spec: Spec, work: Workload, speed: Speed, grace: int,
                         f"({speed.train_images_per_s:.0f} img/s training); raise it, or lower data.image_size or "
                         f"final.members")
     members = work.members * work.seeds
-    most = final_estimate(work, speed, [work.member_epochs_default or spec.search.scheduler.max_epochs] * members)
+    most = final_estimate(work, speed,
+                          [MemberPlan(work.member_epochs_default or spec.search.scheduler.max_epochs)] * members)
     after = (f"; then the final stage (~{most.members_s + most.overhead_s:.0f} s at most: {members} member(s) on "
              f"{work.slots} slot(s)) and predictions (~{most.predict_s:.0f} s), re-planned from the trials' speed "
              f"and best epochs as they report" if final else "")
@@ -194,11 +201,13 @@ def resume_search(spec: Spec, address: Optional[str] = None, progress: Callable[
         raise UserError(f"{experiment_dir}: holds no saved search state to resume; start a new search instead")
     images, data = _trial_data(spec, progress)
     start_ray(address, progress, verbose)
+    # The record the restored scheduler, budget, searcher and console all become (see TrialEndings.__reduce__).
+    endings = TrialEndings.open(experiment_dir, spec.search.scheduler.max_epochs)
     with resumed_at(experiment_dir):
         tuner = tune.Tuner.restore(str(experiment_dir), trainable=_trainable(spec, data, address, progress),
                                    resume_unfinished=True, resume_errored=False, restart_errored=False)
     progress(f"tuneprod: resuming the search in {experiment_dir}")
-    return _fit(spec, tuner, images, progress, verbose)
+    return _fit(spec, tuner, images, endings, progress, verbose)
 
 
 def _trial_data(spec: Spec, progress: Callable[[str], None]) -> tuple[DecodedImages, TrialData]:
@@ -275,8 +284,8 @@ def _packed(spec: Spec, data: TrialData, cluster: dict, progress: Callable[[str]
     return packed
 
 
-def _fit(spec: Spec, tuner: tune.Tuner, images: DecodedImages, progress: Callable[[str], None],
-         verbose: bool) -> SearchOutcome:
+def _fit(spec: Spec, tuner: tune.Tuner, images: DecodedImages, endings: TrialEndings,
+         progress: Callable[[str], None], verbose: bool) -> SearchOutcome:
     # Each epoch checkpoints and so snapshots the experiment state; with short demo epochs Ray would warn about
     # that on every epoch, though a local snapshot costs milliseconds.
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
@@ -289,7 +298,7 @@ def _fit(spec: Spec, tuner: tune.Tuner, images: DecodedImages, progress: Callabl
         if interrupted():  # half-run trials must not be tabled as stopped by ASHA, nor one of them retrained
             raise SearchInterrupted(f"the search was stopped before its trials finished; continue it with: "
                                     f"tuneprod resume {spec.experiment_dir}")
-    return summarise(spec, grid, images, progress)
+    return summarise(spec, grid, images, endings, progress)
 
 
 @contextlib.contextmanager
@@ -311,16 +320,20 @@ def _noticing_interrupts():
         signal.signal(signal.SIGINT, previous)
 
 
-def summarise(spec: Spec, grid, images: DecodedImages, progress: Callable[[str], None]) -> SearchOutcome:
+def summarise(spec: Spec, grid, images: DecodedImages, endings: TrialEndings,
+              progress: Callable[[str], None]) -> SearchOutcome:
     names = spec.space.names()
     metric, mode = spec.search.metric, spec.search.direction
-    table = results.trials_table(results.records_from_grid(grid, names), names, metric, mode,
-                                 spec.search.scheduler.max_epochs, results.read_endings(spec.experiment_dir))
+    study = results.load_study(spec.experiment_dir)
+    records = results.records_from_grid(grid, names, results.proposed_params(study, spec.space.fixed))
+    table = results.trials_table(records, names, metric, mode, endings)  # every trial's ending is in the record now
+    close_open_trials(study, endings)
     results.write_results(spec.experiment_dir, table, names, metric)
-    failed = int((table["status"] == "ERROR").sum())
-    stopped = int(table["stopped_early"].sum())
-    progress(f"tuneprod: {len(table)} trials: {len(table) - failed - stopped} ran to the end, {stopped} stopped "
-             f"early by the scheduler, {failed} failed")
+    counts = endings.counts(table["trial_id"])
+    failed, stopped = counts[FAILED], counts[STOPPED] + counts[CUT]
+    said = [f"{counts[FINISHED]} ran to the end", f"{counts[STOPPED]} stopped early by the scheduler",
+            f"{counts[CUT]} cut by the time budget" if counts[CUT] else "", f"{failed} failed"]
+    progress(f"tuneprod: {len(table)} trials: {', '.join(part for part in said if part)}")
     try:
         best = float(results.best_row(table, metric)[metric])
     except ValueError:
@@ -373,30 +386,30 @@ def check_resources_fit(spec: Spec, resources: dict, cluster: dict) -> None:
                             f"{available:g}, the {key.upper()}s Ray sees on this machine")
 
 
-def _searcher(spec: Spec, grace: int) -> StudySearch:
+def _searcher(spec: Spec, grace: int, endings: TrialEndings) -> StudySearch:
     options, scheduler = spec.search.searcher, spec.search.scheduler
     rungs = [] if scheduler.type == "fifo" else milestones(grace, scheduler.reduction_factor, scheduler.max_epochs)
     notes = {"metric": spec.search.metric, "direction": spec.search.direction, "max_epochs": scheduler.max_epochs,
              "rungs": list(rungs), "scheduler": scheduler.type, "time_budget_s": spec.search.time_budget_s}
-    return StudySearch(spec.experiment_dir, spec.experiment_dir.name, scheduler.max_epochs, notes,
+    return StudySearch(spec.experiment_dir, spec.experiment_dir.name, endings, notes,
                        space=DefineByRun(spec.space), metric=spec.search.metric, mode=spec.search.direction,
                        sampler=sampler(options.type, spec.search.seed, options.n_startup_trials,
                                        options.multivariate),
                        points_to_evaluate=[dict(point) for point in spec.search.start_from] or None)
 
 
-def _scheduler(spec: Spec, grace: int, progress: Callable[[str], None]):
+def _scheduler(spec: Spec, grace: int, endings: TrialEndings, progress: Callable[[str], None]):
     options = spec.search.scheduler
     if options.type == "fifo":
         return FIFOScheduler()
     metric, mode = _rung_ranking(spec)
     if options.type == "asha_stopping":
         # time_attr counts reports, and a trial reports once per epoch: ASHA's rungs are in epochs.
-        return ASHAScheduler(time_attr="training_iteration", metric=metric, mode=mode, max_t=options.max_epochs,
-                             grace_period=grace, reduction_factor=options.reduction_factor)
+        return RecordingASHA(endings, time_attr="training_iteration", metric=metric, mode=mode,
+                             max_t=options.max_epochs, grace_period=grace, reduction_factor=options.reduction_factor)
     stop_losers = options.type == "asha"
     scheduler = PromotingASHA(metric, mode, options.max_epochs, grace, options.reduction_factor,
-                              spec.search.max_concurrent_trials, stop_losers)
+                              spec.search.max_concurrent_trials, stop_losers, endings)
     rungs = ", ".join(map(str, scheduler.rungs.milestones)) or "none"
     how = "auto, from the data size" if options.grace_period == "auto" else "search.scheduler.grace_period"
     others = "the others stop" if stop_losers else "the others wait, paused, for a later promotion"
