@@ -247,7 +247,7 @@ def choice_rows(experiment: Path, folder: Path, work: Path) -> dict:
 def seeds_variant(experiment: Path, folder: Path, work: Path) -> dict:
     """Another final stage on the same search, for the same wall time: the best configuration with two seeds
     instead of the two best configurations; scored as a soft vote and as a soup."""
-    from tuneprod.final.stage import retrain_and_predict
+    from tuneprod.tuning.final_tasks import retrain_and_predict
 
     copy = work / "seeds_variant"
     shutil.rmtree(copy, ignore_errors=True)

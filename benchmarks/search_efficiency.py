@@ -31,6 +31,7 @@ import yaml
 
 from tuneprod.final.stage import final_stage, predict_test
 from tuneprod.spec import load_spec
+from tuneprod.tuning.final_tasks import cluster_scorer, train_members
 from tuneprod.tuning.results import read_table
 from tuneprod.tuning.tuner import run_search
 
@@ -61,8 +62,8 @@ def run(method: str, seed: int, work: Path) -> dict:
         started = time.perf_counter()
         outcome = run_search(spec, progress=quiet, final=False)
         search_s = time.perf_counter() - started
-        final_stage(spec, outcome.experiment_dir, quiet, outcome.images)
-        report = predict_test(spec, outcome.experiment_dir, quiet)
+        final_stage(spec, outcome.experiment_dir, quiet, outcome.images, train_members)
+        report = predict_test(spec, outcome.experiment_dir, quiet, cluster_scorer(spec))
         table = read_table(outcome.experiment_dir)
         row = {"best_val": float(table["val_acc"].max()), "test": report.accuracy,
                "trial_epochs": int(table["epochs_run"].sum()), "search_s": search_s,

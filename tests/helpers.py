@@ -1,6 +1,7 @@
 """Helpers shared by the tests: a tiny generated image folder and the real search-space files, shrunk."""
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -36,3 +37,38 @@ def shrunk_space(source: str, tmp_path: Path, **sections) -> Path:
     path = tmp_path / f"shrunk_{source}"
     path.write_text(yaml.safe_dump(raw, sort_keys=False))
     return path
+
+
+class LocalS3:
+    """An S3 endpoint on 127.0.0.1 (moto's server, as Ray's own tests use it), with one bucket: `uri(key)` is the
+    pyarrow URI of a prefix in it. Credentials are set in the environment, so Ray workers started later see them."""
+
+    BUCKET = "tuneprod-test"
+    ENV = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
+           "AWS_EC2_METADATA_DISABLED": "true"}
+
+    def __init__(self):
+        import boto3
+        from moto.server import ThreadedMotoServer
+
+        os.environ.update(self.ENV)
+        self.server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+        self.server.start()
+        self.endpoint = f"127.0.0.1:{self.server._server.server_port}"
+        self.client = boto3.client("s3", endpoint_url=f"http://{self.endpoint}")
+        self.client.create_bucket(Bucket=self.BUCKET)
+
+    def uri(self, key: str = "", bucket: str = BUCKET) -> str:
+        return f"s3://{bucket}/{key}?region=us-east-1&endpoint_override={self.endpoint}&scheme=http"
+
+    def upload(self, folder: Path, prefix: str) -> None:
+        for path in sorted(folder.rglob("*")):
+            if path.is_file():
+                self.client.upload_file(str(path), self.BUCKET, f"{prefix}/{path.relative_to(folder).as_posix()}")
+
+    def keys(self, prefix: str) -> list[str]:
+        pages = self.client.get_paginator("list_objects_v2").paginate(Bucket=self.BUCKET, Prefix=prefix)
+        return sorted(item["Key"] for page in pages for item in page.get("Contents", []))
+
+    def stop(self) -> None:
+        self.server.stop()

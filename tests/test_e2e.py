@@ -20,7 +20,7 @@ from tuneprod.final.stage import MemberPlan
 from tuneprod.spec import Hyperparams, TrialConfig, UserError, spec_from_dict
 from tuneprod.train.cache import decoded
 from tuneprod.train.data import index_images
-from tuneprod.tuning.member_tasks import train_members
+from tuneprod.tuning.final_tasks import cluster_scorer, train_members
 from tuneprod.tuning.results import RAY_TRIAL_ID, load_study
 
 pytestmark = pytest.mark.slow
@@ -158,6 +158,69 @@ def test_member_tasks_run_on_ray_and_a_failing_member_is_reported(tmp_path, ray_
     assert any(line.startswith("final: member_1 trained in") for line in lines)
     warnings = [line for line in lines if "warning" in line]
     assert len(warnings) == 1 and "Kernel size" in warnings[0] and "goes on without it" in warnings[0]
+
+
+def test_a_member_whose_worker_is_killed_is_trained_again_from_scratch(tmp_path, ray_two_cpus):
+    import threading
+
+    import psutil
+
+    images = decoded(index_images(write_image_folder(tmp_path / "images", per_class=8)), 32)
+    spec = spec_from_dict({"data": {"train": "x", "image_size": 32}, "resources": {"gpus_per_trial": 0},
+                           "search": {"max_failures": 1}}, tmp_path / "s.yaml")
+    plan = MemberPlan("member_1", TrialConfig(Hyperparams(backbone="test_resnet", batch_size=4), 32, epochs=30), "t",
+                      0.5, "val_acc")
+    outcome = {}
+    members = threading.Thread(target=lambda: outcome.update(
+        failures=train_members(spec, [plan], images, tmp_path / "final", lambda _: None)))
+    members.start()
+    deadline, workers = time.monotonic() + 120, []
+    while not workers and time.monotonic() < deadline:
+        time.sleep(0.5)
+        workers = [p for p in psutil.process_iter(["cmdline"])
+                   if "ray::_member_task" in " ".join(p.info["cmdline"] or [])]
+    assert len(workers) == 1, workers
+    time.sleep(2)  # some epochs in
+    workers[0].kill()  # SIGKILL: its node lost, as far as the task can tell
+    members.join(timeout=300)
+    assert outcome["failures"] == {}
+    assert (tmp_path / "final" / "member_1" / "model.safetensors").is_file()
+
+
+def test_predictions_scored_in_shards_on_ray_write_the_same_csv_as_here(tmp_path, ray_two_cpus, monkeypatch):
+    """Shards of 3 images, each task carrying its images' bytes: the CSV is the one a local predict writes, the
+    unreadable files (a corrupt one, a named pipe the driver must not read) keep their rows, the progress is said."""
+    import os
+
+    from tuneprod.final import artifact
+    from tuneprod.final.inference import predict
+    from tuneprod.tuning import final_tasks
+
+    images = decoded(index_images(write_image_folder(tmp_path / "images", per_class=4)), 24)
+    spec = spec_from_dict({"data": {"train": "x", "image_size": 24}, "resources": {"gpus_per_trial": 0}},
+                          tmp_path / "s.yaml")
+    plan = MemberPlan("member_1", TrialConfig(Hyperparams(backbone="test_resnet", batch_size=4), 24, epochs=1), "t",
+                      0.5, "val_acc")
+    staging = tmp_path / "final"
+    assert train_members(spec, [plan], images, staging, lambda _: None) == {}
+    artifact.write_ensemble(staging, images.classes, 24, ["member_1"], ["member_1"], {}, ["flip"], {})
+    test = write_image_folder(tmp_path / "test_tree", per_class=3, seed=1)
+    flat = tmp_path / "test"
+    flat.mkdir()
+    for number, path in enumerate(sorted(test.rglob("*.png"))):
+        path.rename(flat / f"{number:02d}.png")
+    (flat / "05.png").write_bytes(b"not an image")
+    os.mkfifo(flat / "pipe.png")
+    (flat / "test_labels.csv").write_text("file,label\n00.png,red\n01.png,red\n")
+    here = predict(staging, flat, tmp_path / "here.csv")
+    monkeypatch.setattr(final_tasks, "SHARD_IMAGES", 3)
+    lines = []
+    there = predict(staging, flat, tmp_path / "there.csv", progress=lines.append, scorer=cluster_scorer(spec))
+    assert (tmp_path / "here.csv").read_text() == (tmp_path / "there.csv").read_text()
+    assert here.accuracy == there.accuracy and here.images == there.images == 8
+    table = pd.read_csv(tmp_path / "there.csv")
+    assert set(table.loc[table["label"].isna(), "file"]) == {"05.png", "pipe.png"}
+    assert any(line.startswith("predict: 4/4 shard(s), 10/10 images") for line in lines), lines
 
 
 def test_a_trial_whose_worker_is_killed_resumes_from_its_checkpoint(tmp_path, ray_two_cpus):

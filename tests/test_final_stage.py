@@ -1,4 +1,4 @@
-"""The final stage assembled from real (tiny) members, with the Ray dispatch replaced by a plain loop: the
+"""The final stage assembled from real (tiny) members, trained by a plain loop in place of the Ray tasks: the
 ensemble folder, soups, a failing member left out, and nothing left behind when every member fails."""
 import json
 from pathlib import Path
@@ -15,7 +15,6 @@ from tuneprod.final.stage import MemberFailed, final_stage, train_member
 from tuneprod.spec import UserError, spec_from_dict
 from tuneprod.train.cache import decoded
 from tuneprod.train.data import index_images
-from tuneprod.tuning import member_tasks
 from tuneprod.tuning.results import TrialRecord, trials_table, write_results
 
 NAMES = ["backbone", "pretrained", "lr"]
@@ -35,7 +34,7 @@ def experiment(tmp_path, monkeypatch):
                for n, (lr, acc) in enumerate([(0.01, 0.9), (0.02, 0.8), (0.03, 0.7)])]
     write_results(tmp_path, trials_table(records, NAMES, "val_acc", "max", TrialEndings(None, 1)), NAMES, "val_acc")
 
-    def local_members(spec, plans, labelled, folder, progress, address=None):
+    def local_members(spec, plans, labelled, folder, progress):
         failures = {}
         for plan in plans:
             try:
@@ -46,8 +45,7 @@ def experiment(tmp_path, monkeypatch):
                 failures[plan.name] = str(exc)
         return failures
 
-    monkeypatch.setattr(member_tasks, "train_members", local_members)
-    return tmp_path, images
+    return tmp_path, images, local_members
 
 
 def spec_for(final: dict):
@@ -57,10 +55,10 @@ def spec_for(final: dict):
 
 
 def test_members_vote_soups_stand_in_and_a_failed_member_is_left_out(experiment):
-    folder, images = experiment
+    folder, images, local_members = experiment
     lines = []
     spec = spec_for({"members": 3, "tta": ["flip", "scale"], "soup": True})
-    final = final_stage(spec, folder, lines.append, images)
+    final = final_stage(spec, folder, lines.append, images, local_members)
     description = json.loads((final / "ensemble.json").read_text())
     assert description["members"] == ["member_1", "member_3"]  # member_2 (lr 0.02) failed
     assert description["soups"] == {"soup_1": ["member_1", "member_3"]}
@@ -74,14 +72,14 @@ def test_members_vote_soups_stand_in_and_a_failed_member_is_left_out(experiment)
 
 
 def test_every_member_failing_saves_nothing(experiment):
-    folder, images = experiment
+    folder, images, local_members = experiment
     spec = spec_for({"members": 3, "epochs": 1})
     (folder / "final").mkdir()
     (folder / "final" / "ensemble.json").write_text("{}")  # an earlier final stage stays as it was
-    write_results(folder, trials_table([TrialRecord("x", {"backbone": "test_resnet", "pretrained": True, "lr": 0.02},
-                                                    [{"epoch": 1, "val_acc": 0.5}])], NAMES, "val_acc", "max", TrialEndings(None, 1)),
-                  NAMES, "val_acc")
+    failing = TrialRecord("x", {"backbone": "test_resnet", "pretrained": True, "lr": 0.02},
+                          [{"epoch": 1, "val_acc": 0.5}])
+    write_results(folder, trials_table([failing], NAMES, "val_acc", "max", TrialEndings(None, 1)), NAMES, "val_acc")
     with pytest.raises(UserError, match="every member failed"):
-        final_stage(spec, folder, lambda _: None, images)
+        final_stage(spec, folder, lambda _: None, images, local_members)
     assert (folder / "final" / "ensemble.json").read_text() == "{}"
     assert sorted(p.name for p in folder.iterdir() if p.name.startswith(".")) == []

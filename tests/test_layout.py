@@ -29,4 +29,4 @@ def test_the_core_and_the_final_stage_do_not_import_ray():
 
 
 def test_the_search_side_does():
-    assert imports_ray(["tuneprod.tuning.member_tasks"]) and imports_ray(["tuneprod.tuning.tuner"])
+    assert imports_ray(["tuneprod.tuning.final_tasks"]) and imports_ray(["tuneprod.tuning.tuner"])

@@ -22,7 +22,8 @@ def space(trial):
 
 def searcher(folder, start=(START,)) -> StudySearch:
     folder.mkdir(exist_ok=True)
-    return StudySearch(folder, "exp", TrialEndings.open(folder, 4), {"rungs": [1, 2]}, space=space, metric="val_acc", mode="max",
+    return StudySearch(folder, "exp", TrialEndings.open(folder, 4), {"rungs": [1, 2]}, space=space, metric="val_acc",
+                       mode="max",
                        points_to_evaluate=[dict(p) for p in start] or None)
 
 

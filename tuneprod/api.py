@@ -12,13 +12,28 @@ def data_overrides(data: Optional[PathLike], test: Optional[PathLike]) -> dict:
     manifest itself. The spec's test images belong to its own data, so they go unless `test` names new ones."""
     overrides = {}
     if data is not None:
-        data = Path(data)
-        nested = data / "train"
-        overrides = {"data.train": str(nested if nested.is_dir() else data), "data.demo": None,
-                     "data.test": str(data / "test") if nested.is_dir() and (data / "test").is_dir() else None}
+        train, test_inside = _train_and_test(data)
+        overrides = {"data.train": train, "data.demo": None, "data.test": test_inside}
     if test is not None:
         overrides["data.test"] = str(test)
     return overrides
+
+
+def _train_and_test(data: PathLike) -> tuple[str, Optional[str]]:
+    """(training images, test images or None) of a --data folder or bucket prefix."""
+    from tuneprod.spec import is_uri
+
+    if is_uri(data):
+        from tuneprod.storage import RemoteFolder, join
+
+        folder = RemoteFolder(str(data))
+        if folder.exists("train"):
+            return join(str(data), "train"), join(str(data), "test") if folder.exists("test") else None
+        return str(data), None
+    nested = Path(data) / "train"
+    if nested.is_dir():
+        return str(nested), str(Path(data) / "test") if (Path(data) / "test").is_dir() else None
+    return str(data), None
 
 
 def search(space: PathLike, *, data: Optional[PathLike] = None, test: Optional[PathLike] = None,
@@ -41,7 +56,7 @@ def search(space: PathLike, *, data: Optional[PathLike] = None, test: Optional[P
 
 
 def _finish(spec, outcome, retrain: bool, address: Optional[str], progress: Callable[[str], None]):
-    from tuneprod.final.stage import retrain_and_predict
+    from tuneprod.tuning.final_tasks import retrain_and_predict
     from tuneprod.spec import UserError
 
     try:
@@ -93,7 +108,7 @@ def dashboard(experiment: PathLike, host: str = "127.0.0.1", port: int = 8080,
 def retrain(experiment: PathLike, *, address: Optional[str] = None, progress: Callable[[str], None] = print) -> Path:
     """Runs an experiment's final stage (its best configurations trained on all labelled data, into
     <experiment>/final) and predicts the spec's test images, if any. Returns the model folder."""
-    from tuneprod.final.stage import retrain_and_predict
+    from tuneprod.tuning.final_tasks import retrain_and_predict
 
     return retrain_and_predict(Path(experiment), progress, address=address)
 

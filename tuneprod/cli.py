@@ -37,9 +37,11 @@ def _parser() -> argparse.ArgumentParser:
                                              "<experiment>/final and writes <experiment>/predictions.csv when "
                                              "data.test is set.")
     search.add_argument("space", type=Path, help="search-space YAML, e.g. search_spaces/demo.yaml")
-    search.add_argument("--data", type=Path, help="images to use instead of the YAML's: a class-per-folder tree, a "
-                                                  "path,label CSV/Parquet manifest, or a folder holding train/ and test/")
-    search.add_argument("--test", type=Path, help="unlabelled images to predict at the end (replaces data.test)")
+    search.add_argument("--data", help="images to use instead of the YAML's: a class-per-folder tree, a path,label "
+                                       "CSV/Parquet manifest, or a folder holding train/ and test/; a local path or "
+                                       "a bucket's (s3://bucket/prefix, gs://...)")
+    search.add_argument("--test", help="unlabelled images to predict at the end (replaces data.test); a local path "
+                                       "or a bucket's")
     search.add_argument("--num-samples", type=_positive_int, help="number of trials (replaces search.num_samples)")
     search.add_argument("--name", help="experiment name (default: the YAML's name or file stem)")
     search.add_argument("--storage", type=Path, help="where experiments go (default: ./tuneprod_runs)")

@@ -24,6 +24,7 @@ from tuneprod.files import atomic_write
 from tuneprod.final.artifact import ENSEMBLE, METADATA
 from tuneprod.final.stage import FINAL, PREDICTIONS, load_experiment
 from tuneprod.spec import Spec, UserError
+from tuneprod.train.cache import localised
 from tuneprod.train.data import TEST_LABELS, load_rgb
 from tuneprod.tuning import results
 from tuneprod.tuning.endings import CUT, FAILED, FINISHED, STOPPED, TrialEndings
@@ -245,7 +246,7 @@ def _final(spec: Spec, experiment_dir: Path) -> list[str]:
 
 def _mistakes(spec: Spec, experiment_dir: Path) -> list[str]:
     """[accuracy line, confusions section, misclassified grid section] when the test images have labels."""
-    test = spec.data.test_path
+    test = localised(spec, progress=lambda _: None).data.test_path  # a bucket's test images: this node's copy
     predictions_file = experiment_dir / PREDICTIONS
     if test is None or not predictions_file.is_file() or not (test / TEST_LABELS).is_file():
         return []

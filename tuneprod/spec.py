@@ -13,10 +13,10 @@ import operator
 import re
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Any, Callable, Literal, Optional, Union
+from typing import Annotated, Any, Callable, Literal, Optional, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 
 class UserError(Exception):
@@ -210,13 +210,30 @@ def timm_model_problem(name: str) -> Optional[str]:
 
 
 # ---------------------------------------------------------------------------------------------- schema
+_URI = re.compile(r"^[a-zA-Z][a-zA-Z0-9+.-]*://")
+
+
+def is_uri(location: Any) -> bool:
+    """An object store's folder (s3://, gs://, ...) rather than a local path."""
+    return isinstance(location, str) and bool(_URI.match(location)) and not location.startswith("file://")
+
+
+def _location(value: Any) -> Any:
+    return value if value is None or isinstance(value, Path) or is_uri(value) else \
+        Path(value) if isinstance(value, str) else value
+
+
+# A local path, or an object store's folder as a URI string (tuneprod/storage.py reads and writes both).
+Location = Annotated[Union[Path, str], BeforeValidator(_location)]
+
+
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
 class DataSpec(_Strict):
-    train: Optional[Path] = None
-    test: Optional[Path] = None
+    train: Optional[Location] = None
+    test: Optional[Location] = None
     demo: Optional[Path] = None
     val_fraction: float = Field(0.2, gt=0, lt=1)
     # Hold out whole groups (a manifest column, or a regex whose first group is read from each image's path)
@@ -235,12 +252,12 @@ class DataSpec(_Strict):
         return self
 
     @property
-    def train_path(self) -> Path:
+    def train_path(self) -> Location:
         # The demo's manifest carries each photo's camera elevation, for val_groups: elevation.
         return self.train if self.train is not None else self.demo / "train.csv"
 
     @property
-    def test_path(self) -> Optional[Path]:
+    def test_path(self) -> Optional[Location]:
         if self.test is not None or self.demo is None or self.train is not None:
             return self.test
         return self.demo / "test"
@@ -397,6 +414,8 @@ class Spec:
     name: str
     storage: Path
     document: dict  # the validated YAML with absolute paths: saved beside the results, reloaded by retrain
+    # Where images given as URIs were fetched from: {"train": ObjectListing, ...} (train/cache.py's `localised`).
+    sources: dict = dataclasses.field(default_factory=dict)
 
     @property
     def experiment_dir(self) -> Path:
@@ -497,8 +516,8 @@ def spec_from_dict(raw: dict, path: Path) -> Spec:
                 space=space, name=name, storage=storage, document=document)
 
 
-def _absolute(path: Optional[Path]) -> Optional[Path]:
-    return None if path is None else path.expanduser().absolute()
+def _absolute(path: Optional[Location]) -> Optional[Location]:
+    return path if path is None or is_uri(path) else Path(path).expanduser().absolute()
 
 
 def _set_dotted(raw: dict, dotted: str, value: Any, path: Path) -> None:

@@ -42,24 +42,28 @@ class PredictionReport:
         return text
 
 
-def predict(model_dir: Path, images: Path, out: Path, tta: Union[Sequence[str], bool, None] = None,
-            batch_size: int = 64, workers: int = 0, progress: Callable[[str], None] = print) -> PredictionReport:
-    """Writes the predictions CSV (atomically) and scores it against test_labels.csv when one is present.
-    `tta`: the test-time views (default: as the model was saved; the older True/False mean the mirror or none)."""
+@dataclass
+class Scores:
+    """One pass over a list of images: the soft vote of each readable one, in order, and each scored member's
+    labels; `unreadable`: the positions (in the list asked about) of those that could not be read."""
+
+    votes: torch.Tensor  # readable images x classes
+    member_labels: dict[str, list[int]]
+    unreadable: list[int]
+
+
+# Scores images with a saved ensemble: (model folder, paths, views, the members to score, batch size, loader workers,
+# progress). `score_images` does it here; the Ray side scores shards of the images on the cluster's workers.
+Scorer = Callable[[Path, Sequence[Path], Sequence[str], Sequence[str], int, int, Callable[[str], None]], Scores]
+
+
+def score_images(model_dir: Path, paths: Sequence[Path], views: Sequence[str], scored: Sequence[str],
+                 batch_size: int = 64, workers: int = 0, progress: Callable[[str], None] = print) -> Scores:
     device = default_device()
     ensemble = artifact.load(model_dir, device)
-    root, paths = _image_paths(Path(images))
-    unreadable = set(find_unreadable(paths))
-    warn_unreadable(sorted(unreadable))
-    paths = [p for p in paths if p not in unreadable]
-    if not paths:
-        raise DataError(f"{images}: no readable images to predict")
-    files = [p.relative_to(root).as_posix() for p in paths]
-    truth = read_test_labels(root)
-    # Every member is scored when there are labels to score it against; otherwise only the vote is run.
-    scored = list(ensemble.members) if truth is not None else list(ensemble.vote)
-    views = ensemble.tta if tta is None else ("flip",) if tta is True else () if tta is False else tuple(tta)
-    loader = torch.utils.data.DataLoader(ResizedImages(paths, ensemble.image_size), batch_size=batch_size,
+    unreadable = set(find_unreadable(list(paths)))
+    readable = [p for p in paths if p not in unreadable]
+    loader = torch.utils.data.DataLoader(ResizedImages(readable, ensemble.image_size), batch_size=batch_size,
                                          num_workers=workers, pin_memory=device.type == "cuda")
     votes, member_labels = [], {name: [] for name in scored}
     with torch.inference_mode(), autocast(amp_dtype(device)):
@@ -70,16 +74,40 @@ def predict(model_dir: Path, images: Path, out: Path, tta: Union[Sequence[str], 
             for name in scored:
                 member_labels[name] += probabilities[name].argmax(1).tolist()
             done = sum(len(v) for v in votes)
-            if len(votes) % 20 == 0 or done == len(paths):
-                progress(f"predict: {done}/{len(paths)} images")
+            if len(votes) % 20 == 0 or done == len(readable):
+                progress(f"predict: {done}/{len(readable)} images")
+    empty = torch.zeros(0, len(ensemble.classes))
+    return Scores(torch.cat(votes) if votes else empty, member_labels,
+                  [i for i, p in enumerate(paths) if p in unreadable])
+
+
+def predict(model_dir: Path, images: Path, out: Path, tta: Union[Sequence[str], bool, None] = None,
+            batch_size: int = 64, workers: int = 0, progress: Callable[[str], None] = print,
+            scorer: Scorer = score_images) -> PredictionReport:
+    """Writes the predictions CSV (atomically) and scores it against test_labels.csv when one is present.
+    `tta`: the test-time views (default: as the model was saved; the older True/False mean the mirror or none).
+    `scorer`: where the images are scored (here by default)."""
+    ensemble = artifact.load(model_dir, torch.device("cpu"))  # checked before any image is read
+    root, paths = _image_paths(Path(images))
+    truth = read_test_labels(root)
+    # Every member is scored when there are labels to score it against; otherwise only the vote is run.
+    scored = list(ensemble.members) if truth is not None else list(ensemble.vote)
+    views = ensemble.tta if tta is None else ("flip",) if tta is True else () if tta is False else tuple(tta)
+    scores = scorer(Path(model_dir), paths, views, scored, batch_size, workers, progress)
+    unreadable = [paths[i] for i in scores.unreadable]
+    warn_unreadable(unreadable)
+    skipped = set(scores.unreadable)
+    files = [p.relative_to(root).as_posix() for i, p in enumerate(paths) if i not in skipped]
+    if not files:
+        raise DataError(f"{images}: no readable images to predict")
     classes = ensemble.classes
-    table = _with_unreadable(_table(files, torch.cat(votes), classes),
-                             [p.relative_to(root).as_posix() for p in sorted(unreadable)])
+    table = _with_unreadable(_table(files, scores.votes, classes),
+                             [p.relative_to(root).as_posix() for p in unreadable])
     atomic_write(Path(out), lambda path: table.to_csv(path, index=False))
     if truth is None:
         return PredictionReport(Path(out), len(files), None)
     member_accuracy = {name: _accuracy(files, [classes[i] for i in labels], truth)
-                       for name, labels in member_labels.items()}
+                       for name, labels in scores.member_labels.items()}
     return PredictionReport(Path(out), len(files), _accuracy(files, table["label"].tolist(), truth),
                             {name: value for name, value in member_accuracy.items() if value is not None})
 

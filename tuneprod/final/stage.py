@@ -19,7 +19,7 @@ from safetensors.torch import load_file
 
 from tuneprod.final import artifact
 from tuneprod.final.ensemble import soup
-from tuneprod.final.inference import PredictionReport, predict
+from tuneprod.final.inference import PredictionReport, Scorer, predict, score_images
 from tuneprod.spec import EXPERIMENT_SPEC, Hyperparams, Spec, TrialConfig, UserError, load_spec
 from tuneprod.train.cache import DecodedImages, labelled_images
 from tuneprod.train.data import TEST_LABELS, check_test_images
@@ -33,6 +33,11 @@ PREDICTIONS = "predictions.csv"
 
 class MemberFailed(UserError):
     """A member's configuration failed on all the data (NaN loss, out of memory); the others go on."""
+
+
+# Trains the planned members into folder/<name> (each where it can: the Ray side runs them as tasks on the cluster);
+# returns {name: why} for those that failed.
+MemberTrainer = Callable[["Spec", "list[MemberPlan]", DecodedImages, Path, Callable[[str], None]], dict]
 
 
 @dataclass(frozen=True)
@@ -85,22 +90,10 @@ def train_member(plan: MemberPlan, images: DecodedImages, folder: Path, device: 
                                  f"trial_{plan.metric}": plan.trial_value})
 
 
-def retrain_and_predict(experiment_dir: Path, progress: Callable[[str], None] = print,
-                        images: Optional[DecodedImages] = None, address: Optional[str] = None) -> Path:
-    """Runs the final stage into final/, then predicts data.test when it is set.
-    `images`: the labelled images the search already indexed and decoded (else they are indexed again, and the
-    decoded cache found again)."""
-    experiment_dir = Path(experiment_dir)
-    spec = load_experiment(experiment_dir)
-    folder = final_stage(spec, experiment_dir, progress, images, address)
-    predict_test(spec, experiment_dir, progress)
-    return folder
-
-
 def final_stage(spec: Spec, experiment_dir: Path, progress: Callable[[str], None],
-                images: Optional[DecodedImages], address: Optional[str] = None) -> Path:
-    from tuneprod.tuning.member_tasks import train_members  # the Ray side
-
+                images: Optional[DecodedImages], train_members: MemberTrainer) -> Path:
+    """Runs the final stage into final/. `images`: the labelled images the search already indexed and decoded (else
+    they are indexed again, and the decoded cache found again)."""
     plans = plan_members(spec, experiment_dir)
     labelled = images if images is not None else labelled_images(spec, progress)
     listing = ", ".join(f"{p.name}: trial {p.trial_id} ({p.metric} {p.trial_value:.4f}, seed {p.config.seed}, "
@@ -109,7 +102,7 @@ def final_stage(spec: Spec, experiment_dir: Path, progress: Callable[[str], None
     staging = artifact.staging_folder(experiment_dir / FINAL)
     staging.mkdir(parents=True)
     try:
-        failures = train_members(spec, plans, labelled, staging, progress, address)
+        failures = train_members(spec, plans, labelled, staging, progress)
         trained = [plan for plan in plans if plan.name not in failures]
         if not trained:
             raise UserError(f"final: every member failed ({'; '.join(failures.values())}); no model was saved. "
@@ -154,14 +147,15 @@ def make_soups(plans: list[MemberPlan], folder: Path, classes: tuple[str, ...]) 
     return soups
 
 
-def predict_test(spec: Spec, experiment_dir: Path,
-                 progress: Callable[[str], None]) -> Optional[PredictionReport]:
-    """Predicts data.test with the final model, when the spec names test images."""
+def predict_test(spec: Spec, experiment_dir: Path, progress: Callable[[str], None],
+                 scorer: Scorer = score_images) -> Optional[PredictionReport]:
+    """Predicts data.test with the final model, when the spec names test images. `scorer`: where the images are
+    scored (the Ray side scores shards of them on the cluster)."""
     if spec.data.test_path is None:
         return None
     check_test_images(spec, json.loads((experiment_dir / FINAL / artifact.ENSEMBLE).read_text())["classes"])
     report = predict(experiment_dir / FINAL, spec.data.test_path, experiment_dir / PREDICTIONS,
-                     workers=spec.dataloader_workers, progress=progress)
+                     workers=spec.dataloader_workers, progress=progress, scorer=scorer)
     progress(f"predict: {report.images} predictions written to {report.out}")
     if report.accuracy is not None:
         progress(f"predict: test accuracy {report.summary()} (against {spec.data.test_path / TEST_LABELS})")

@@ -5,11 +5,13 @@ Trials then never decode a JPEG: a batch is a gather of rows from pages the OS s
 memory cost is one copy of the data set per node however many trials run. The store is keyed by a fingerprint of
 the file list, the files' sizes and modification times and the image size: a changed data set gets a new store.
 A store is built in a hidden folder and renamed into place when complete, under a per-node lock, so an interrupted
-build is never read and concurrent trials build it once.
+build is never read and concurrent trials build it once. Images from an object store (data.train: s3://...) are
+fetched once per node first, into its own disk (tuneprod/storage.py), and keyed by the listing.
 """
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import fcntl
 import hashlib
 import json
@@ -23,7 +25,8 @@ from typing import Callable, Iterator, Optional, Sequence
 import numpy as np
 
 from tuneprod.demo import generate_demo
-from tuneprod.spec import Spec
+from tuneprod.spec import Spec, is_uri
+from tuneprod.storage import ObjectListing, fetch_location
 from tuneprod.train.data import (DECODE_TIMEOUT_S, DataError, ImageSet, check_class_sizes, decode_resized, index_images,
                                  warn, warn_unreadable)
 from tuneprod.train.watchdog import DONE, TIMED_OUT, run_bounded, usable_cpus
@@ -40,10 +43,14 @@ def default_root() -> Path:
     return Path(os.environ.get("TUNEPROD_CACHE", DEFAULT_ROOT))
 
 
-def fingerprint(paths: Sequence[Path], size: int) -> str:
-    """Changes when a file is added, removed, renamed, rewritten (size or mtime) or the image size changes."""
+def fingerprint(paths: Sequence[Path], size: int, stat: bool = True) -> str:
+    """Changes when a file is added, removed, renamed, rewritten (size or mtime) or the image size changes. Without
+    `stat`, the names alone (fetched objects: the listing's key, first of them, stands for their contents)."""
     digest = hashlib.sha256(f"tuneprod-cache {FORMAT_VERSION} {size}\n".encode())
     for path in paths:
+        if not stat:
+            digest.update(f"{path}\n".encode())
+            continue
         try:
             stat = os.stat(path)
             digest.update(f"{path}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
@@ -54,16 +61,31 @@ def fingerprint(paths: Sequence[Path], size: int) -> str:
 
 @dataclass(frozen=True, eq=False)
 class DecodedCache:
-    """The store for `paths` at `size` px. Picklable (paths only): a trial on another node rebuilds it there."""
+    """The store for `paths` at `size` px. Picklable (paths only): a trial on another node rebuilds it there. With a
+    `source` (a listing of objects), the paths are relative to the node's fetched copy, fetched before a build."""
 
     root: Path  # may start with ~, expanded on the node that uses it
     paths: tuple[Path, ...]
     size: int
     key: str
+    source: Optional[ObjectListing] = None
 
     @classmethod
-    def of(cls, paths: Sequence[Path], size: int, root: Optional[Path] = None) -> "DecodedCache":
-        return cls(Path(root or default_root()), tuple(paths), size, fingerprint(paths, size))
+    def of(cls, paths: Sequence[Path], size: int, root: Optional[Path] = None,
+           source: Optional[ObjectListing] = None) -> "DecodedCache":
+        root = Path(root or default_root())
+        if source is None:
+            return cls(root, tuple(paths), size, fingerprint(paths, size))
+        fetched = source.folder(root)
+        relative = tuple(Path(p).relative_to(fetched) for p in paths)
+        return cls(root, relative, size, fingerprint([Path(source.key), *relative], size, stat=False), source)
+
+    def files(self) -> list[Path]:
+        """The images on this node's disk."""
+        if self.source is None:
+            return list(self.paths)
+        fetched = self.source.folder(self.root)
+        return [fetched / path for path in self.paths]
 
     @property
     def folder(self) -> Path:
@@ -75,6 +97,8 @@ class DecodedCache:
     def ensure(self, progress: Callable[[str], None] = print, workers: Optional[int] = None) -> "DecodedCache":
         """Builds the store unless it exists; `workers` decode in parallel (default: this process's CPUs)."""
         if not self.ready():
+            if self.source is not None:  # on a node that has not fetched the images yet
+                self.source.fetch(self.root, progress)
             self._build(progress, workers or usable_cpus())
         return self
 
@@ -123,7 +147,8 @@ class DecodedCache:
                  f"({len(self.paths) / max(elapsed, 1e-9):.0f} img/s, {workers} in parallel) into {self.folder}")
 
     def _decode_all(self, target: Path, progress: Callable[[str], None], workers: int) -> np.ndarray:
-        count = len(self.paths)
+        files = self.files()
+        count = len(files)
         store = np.lib.format.open_memmap(target, mode="w+", dtype=np.uint8, shape=(count, self.size, self.size, 3))
         data_offset = store.offset  # where the rows start, after the .npy header
         del store
@@ -139,7 +164,7 @@ class DecodedCache:
         descriptor = os.open(target, os.O_WRONLY)
 
         def decode_row(row: int) -> bool:
-            pixels = decode_resized(self.paths[row], self.size)
+            pixels = decode_resized(files[row], self.size)
             _write_at(descriptor, np.ascontiguousarray(pixels).data.cast("B"), data_offset + row * row_bytes)
             return True
 
@@ -152,7 +177,7 @@ class DecodedCache:
             outcome = run_bounded(decode_row, count, workers, DECODE_TIMEOUT_S, show)
         finally:
             os.close(descriptor)
-        slow = [str(self.paths[i]) for i in np.flatnonzero(outcome == TIMED_OUT)]
+        slow = [str(files[i]) for i in np.flatnonzero(outcome == TIMED_OUT)]
         if slow:
             warn(f"{len(slow)} image(s) took longer than {DECODE_TIMEOUT_S:g} s to decode and count as unreadable: "
                  f"{', '.join(slow[:5])}{' ...' if len(slow) > 5 else ''}")
@@ -214,9 +239,10 @@ class DecodedImages:
 
 
 def decoded(image_set: ImageSet, size: int, root: Optional[Path] = None, field_name: str = "data.train",
-            progress: Callable[[str], None] = print) -> DecodedImages:
-    """The image set's readable images in the cache (built on first use); unreadable ones dropped with a warning."""
-    cache = DecodedCache.of(image_set.paths, size, root).ensure(progress)
+            progress: Callable[[str], None] = print, source: Optional[ObjectListing] = None) -> DecodedImages:
+    """The image set's readable images in the cache (built on first use); unreadable ones dropped with a warning.
+    `source`: the listing the images were fetched from (every node fetches it before building its cache)."""
+    cache = DecodedCache.of(image_set.paths, size, root, source).ensure(progress)
     readable = cache.readable()
     warn_unreadable([p for p, ok in zip(image_set.paths, readable) if not ok])
     kept = np.flatnonzero(readable)
@@ -236,6 +262,22 @@ def labelled_images(spec: Spec, progress: Callable[[str], None] = print) -> Deco
                             f"train.csv; point data.demo at a new folder") from None
     try:
         image_set = index_images(spec.data.train_path, "data.train", spec.data.val_groups)
-        return decoded(image_set, spec.data.image_size, spec.data.cache_dir, "data.train", progress)
+        return decoded(image_set, spec.data.image_size, spec.data.cache_dir, "data.train", progress,
+                       spec.sources.get("train"))
     except DataError as exc:
         raise DataError(f"{spec.path}: {exc}") from None
+
+
+def localised(spec: Spec, progress: Callable[[str], None] = print) -> Spec:
+    """The spec with its images on this node's disk: data.train and data.test given as URIs are fetched (once per
+    node and listing) and replaced by the local copies; `spec.sources` keeps the listings, so that the trials'
+    caches fetch them on their own nodes. The saved spec keeps the URIs."""
+    fetched, sources = {}, {}
+    for name in ("train", "test"):
+        location = getattr(spec.data, name)
+        if is_uri(location):
+            fetched[name], sources[name] = fetch_location(location, Path(spec.data.cache_dir or default_root()),
+                                                          progress)
+    if not fetched:
+        return spec
+    return dataclasses.replace(spec, data=spec.data.model_copy(update=fetched), sources={**spec.sources, **sources})

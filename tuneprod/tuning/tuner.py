@@ -18,7 +18,7 @@ from ray.tune.schedulers import FIFOScheduler
 
 from tuneprod.final.ensemble import view_count
 from tuneprod.spec import EXPERIMENT_SPEC, Hyperparams, SearchInterrupted, Spec, TrialConfig, UserError
-from tuneprod.train.cache import DecodedImages, default_root, labelled_images
+from tuneprod.train.cache import DecodedImages, default_root, labelled_images, localised
 from tuneprod.train.data import DataError, check_test_images, list_images, validation_split
 from tuneprod.train.loop import measure_speed
 from tuneprod.train.models import WeightsError, ensure_pretrained_weights
@@ -69,6 +69,7 @@ def run_search(spec: Spec, address: Optional[str] = None, progress: Callable[[st
                final: bool = True, verbose: bool = False) -> SearchOutcome:
     """`final`: whether the final stage follows, so that search.time_budget_s keeps time for it. `verbose`: Ray's
     own progress tables and its workers' output instead of tuneprod's one view."""
+    spec = localised(spec, progress)
     images, data = _trial_data(spec, progress)
     grace = grace_period(spec, data)
     start_ray(address, progress, verbose)
@@ -199,6 +200,7 @@ def resume_search(spec: Spec, address: Optional[str] = None, progress: Callable[
     experiment_dir = spec.experiment_dir
     if not tune.Tuner.can_restore(str(experiment_dir)):
         raise UserError(f"{experiment_dir}: holds no saved search state to resume; start a new search instead")
+    spec = localised(spec, progress)
     images, data = _trial_data(spec, progress)
     start_ray(address, progress, verbose)
     # The record the restored scheduler, budget, searcher and console all become (see TrialEndings.__reduce__).

@@ -1,0 +1,144 @@
+"""Images and files in an object store, against a local S3 server: a listing fetched once per node (never a partial
+fetch, a changed listing fetched anew), each node's decoded cache built from its own copy, and one-line errors."""
+import dataclasses
+import pickle
+
+import numpy as np
+import pytest
+
+from tests.helpers import LocalS3, write_image_folder
+from tuneprod.spec import spec_from_dict
+from tuneprod.storage import COMPLETE, ObjectListing, RemoteFolder, StorageError, fetch_location
+from tuneprod.train.cache import labelled_images, localised
+from tuneprod.train.data import decode_resized
+
+
+@pytest.fixture(scope="module")
+def s3():
+    server = LocalS3()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def images_in_bucket(s3, tmp_path_factory):
+    folder = write_image_folder(tmp_path_factory.mktemp("upload") / "train", per_class=4)
+    s3.upload(folder, "shop/train")
+    return folder
+
+
+def test_a_listing_is_fetched_once_into_a_folder_named_by_it(s3, images_in_bucket, tmp_path):
+    lines = []
+    listing = ObjectListing.of(s3.uri("shop/train"))
+    assert sorted(listing.keys) == sorted(p.relative_to(images_in_bucket).as_posix()
+                                          for p in images_in_bucket.rglob("*.png"))
+    folder = listing.fetch(tmp_path, lines.append, workers=4)
+    assert all((folder / key).read_bytes() == (images_in_bucket / key).read_bytes() for key in listing.keys)
+    assert (folder / COMPLETE).is_file() and any("fetched 12 objects" in line for line in lines)
+    lines.clear()
+    assert listing.fetch(tmp_path, lines.append) == folder and lines == []  # this node has it: no request
+
+
+def test_a_changed_listing_is_a_new_fetch_and_a_partial_one_is_never_used(s3, tmp_path):
+    folder = write_image_folder(tmp_path / "up", per_class=2)
+    s3.upload(folder, "changing")
+    first = ObjectListing.of(s3.uri("changing"))
+    s3.client.put_object(Bucket=s3.BUCKET, Key="changing/red/0.png", Body=(folder / "green" / "0.png").read_bytes())
+    second = ObjectListing.of(s3.uri("changing"))
+    assert second.key != first.key and second.folder(tmp_path) != first.folder(tmp_path)
+
+    removed = (folder / "red" / "1.png").read_bytes()
+    s3.client.delete_object(Bucket=s3.BUCKET, Key="changing/red/1.png")  # gone between the listing and the fetch
+    with pytest.raises(StorageError, match="changing"):
+        second.fetch(tmp_path, lambda _: None, workers=1)
+    assert not second.folder(tmp_path).exists()  # only a hidden partial folder, never read
+    s3.client.put_object(Bucket=s3.BUCKET, Key="changing/red/1.png", Body=removed)
+    fetched = second.fetch(tmp_path, lambda _: None)
+    assert (fetched / "red" / "0.png").read_bytes() == (folder / "green" / "0.png").read_bytes()
+    assert not list(fetched.parent.glob(".*partial*"))  # the interrupted fetch was cleaned up
+
+
+def test_each_node_fetches_and_decodes_its_own_copy(s3, images_in_bucket, tmp_path):
+    spec = spec_from_dict({"data": {"train": s3.uri("shop/train"), "image_size": 16, "cache_dir": str(tmp_path / "a")}},
+                          tmp_path / "s.yaml")
+    local = localised(spec, lambda _: None)
+    assert local.data.train.is_dir() and spec.document["data"]["train"] == s3.uri("shop/train")
+    images = labelled_images(local, lambda _: None)
+    # Another node: the cache travels pickled (paths relative to the fetched copy), its disk has nothing yet.
+    other = dataclasses.replace(pickle.loads(pickle.dumps(images.cache)), root=tmp_path / "b")
+    other.ensure(lambda _: None)
+    assert (tmp_path / "b" / "objects").is_dir() and other.folder != images.cache.folder
+    assert np.array_equal(other.images(), images.cache.images())
+    first = images.cache.files()[0]
+    assert np.array_equal(images.cache.images()[0], decode_resized(first, 16))
+
+
+def test_a_manifest_in_a_bucket_brings_its_images_with_it(s3, tmp_path):
+    folder = write_image_folder(tmp_path / "up", per_class=3)
+    rows = ["path,label"] + [f"{p.relative_to(folder).as_posix()},{p.parent.name}" for p in folder.rglob("*.png")]
+    (folder / "labels.csv").write_text("\n".join(rows) + "\n")
+    s3.upload(folder, "manifest")
+    path, listing = fetch_location(s3.uri("manifest/labels.csv"), tmp_path / "cache", lambda _: None)
+    assert path.name == "labels.csv" and path.is_file() and len(listing.keys) == 10
+
+
+@pytest.mark.parametrize("where, message", [
+    (lambda s3: s3.uri("x", bucket="no-such-bucket"), "the bucket 'no-such-bucket' does not exist"),
+    (lambda s3: s3.uri("nothing/here"), "no objects under this prefix"),
+    (lambda s3: s3.uri("x").replace("region=", "regio="), "not a storage URI pyarrow can open"),
+])
+def test_a_bucket_that_cannot_be_used_is_one_line_naming_it(s3, where, message):
+    with pytest.raises(StorageError, match=message) as caught:
+        ObjectListing.of(where(s3))
+    assert "\n" not in str(caught.value) and str(caught.value).startswith("s3://")
+
+
+def test_a_remote_folder_round_trips_files(s3, tmp_path):
+    folder = RemoteFolder(s3.uri("runs/exp"))
+    (tmp_path / "up" / "final").mkdir(parents=True)
+    (tmp_path / "up" / "final" / "m.json").write_text("{}")
+    (tmp_path / "up" / "trials.csv").write_text("a,b\n")
+    folder.upload_tree(tmp_path / "up")
+    assert s3.keys("runs/exp") == ["runs/exp/final/m.json", "runs/exp/trials.csv"]
+    assert folder.download("final", tmp_path / "down" / "final") and folder.download("trials.csv",
+                                                                                       tmp_path / "down" / "t.csv")
+    assert (tmp_path / "down" / "final" / "m.json").read_text() == "{}"
+    assert not folder.download("report.html", tmp_path / "down" / "r.html")
+    assert RemoteFolder(s3.uri("runs")).children() == ["exp"]
+
+
+@pytest.mark.slow
+def test_a_search_reads_its_images_from_a_bucket(s3, tmp_path):
+    """The demo set in the bucket (its manifest and test images given as URIs): the search, the final stage and the
+    predictions run from this node's fetched copy; the saved spec keeps the URIs."""
+    import pandas as pd
+    import ray
+    import yaml
+
+    import tuneprod
+    from tests.helpers import shrunk_space
+    from tuneprod.demo import generate_demo
+
+    generate_demo(tmp_path / "demo", classes=3, train_per_class=8, test_per_class=3, size=32)
+    s3.upload(tmp_path / "demo", "demo")
+    space = shrunk_space("demo.yaml", tmp_path,
+                         data={"demo": None, "train": s3.uri("demo/train.csv"), "test": s3.uri("demo/test"),
+                               "image_size": 32},
+                         search={"num_samples": 3, "scheduler": {"type": "asha", "max_epochs": 2, "grace_period": 1,
+                                                                 "reduction_factor": 2}},
+                         final={"members": 1, "seeds": 1, "tta": ["flip"]})
+    raw = yaml.safe_load(space.read_text())
+    del raw["data"]["demo"]
+    space.write_text(yaml.safe_dump(raw))
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        lines = []
+        tuneprod.search(space, storage=tmp_path / "runs", progress=lines.append)
+    finally:
+        ray.shutdown()
+    experiment = tmp_path / "runs" / "shrunk_demo"
+    assert len(pd.read_parquet(experiment / "trials.parquet")) == 3
+    assert len(pd.read_csv(experiment / "predictions.csv")) == 9
+    assert any(line.startswith("tuneprod: fetching ") and "s3://tuneprod-test/demo" in line for line in lines)
+    saved = yaml.safe_load((experiment / "search_space.yaml").read_text())
+    assert saved["data"]["train"] == s3.uri("demo/train.csv") and saved["data"]["test"] == s3.uri("demo/test")
