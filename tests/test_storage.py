@@ -104,7 +104,7 @@ def test_a_remote_folder_round_trips_files(s3, tmp_path):
                                                                                        tmp_path / "down" / "t.csv")
     assert (tmp_path / "down" / "final" / "m.json").read_text() == "{}"
     assert not folder.download("report.html", tmp_path / "down" / "r.html")
-    assert RemoteFolder(s3.uri("runs")).children() == ["exp"]
+    assert RemoteFolder(s3.uri("runs")).entries() == {"exp": True} and RemoteFolder(s3.uri("none")).entries() == {}
 
 
 @pytest.mark.slow
@@ -142,3 +142,96 @@ def test_a_search_reads_its_images_from_a_bucket(s3, tmp_path):
     assert any(line.startswith("tuneprod: fetching ") and "s3://tuneprod-test/demo" in line for line in lines)
     saved = yaml.safe_load((experiment / "search_space.yaml").read_text())
     assert saved["data"]["train"] == s3.uri("demo/train.csv") and saved["data"]["test"] == s3.uri("demo/test")
+
+
+@pytest.mark.slow
+def test_a_search_stored_in_a_bucket_is_interrupted_then_resumed_and_reported_from_it(s3, tmp_path):
+    """--storage s3://...: Ray's checkpoints and state and the driver's own files (the study as a snapshot) go to
+    the bucket. Ctrl-C, the driver's machine forgotten (its local mirror deleted), `tuneprod resume s3://...`
+    completes the search from the bucket, and `tuneprod report s3://...` writes the report there again."""
+    import shutil
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import pandas as pd
+    from optuna.trial import TrialState
+
+    from tests.helpers import shrunk_space
+    from tuneprod.demo import generate_demo
+    from tuneprod.storage import mirror_folder
+    from tuneprod.tuning.results import load_study
+
+    generate_demo(tmp_path / "demo", classes=3, train_per_class=6, test_per_class=2, size=32)
+    space = shrunk_space("demo.yaml", tmp_path, data={"demo": str(tmp_path / "demo"), "image_size": 32},
+                         search={"num_samples": 3, "max_concurrent_trials": 1,
+                                 "scheduler": {"type": "fifo", "max_epochs": 20},
+                                 "start_from": [{"backbone": "test_resnet", "batch_size": 16}]},
+                         final={"members": 1, "seeds": 1, "tta": ["flip"]})
+    storage = s3.uri("runs")
+    remote = s3.uri("runs/shrunk_demo")
+    search = subprocess.Popen([sys.executable, "-m", "tuneprod.cli", "search", str(space), "--storage", storage],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 180
+    while not [k for k in s3.keys("runs/shrunk_demo/trial_") if "/checkpoint_000002/" in k] \
+            and time.monotonic() < deadline:
+        time.sleep(0.2)
+    search.send_signal(signal.SIGINT)
+    _, stderr = search.communicate(timeout=180)
+    assert search.returncode == 130, stderr
+    assert f"tuneprod resume {remote}" in stderr
+    mirror = mirror_folder(storage) / "shrunk_demo"
+    assert (mirror / "study.db").is_file() and not list(mirror.glob("trial_*"))  # Ray's files are in the bucket
+    keys = s3.keys("runs/shrunk_demo/")
+    assert "runs/shrunk_demo/study.db" in keys and "runs/shrunk_demo/search_space.yaml" in keys
+
+    shutil.rmtree(mirror)  # another machine: only the bucket knows the search
+    resume = subprocess.run([sys.executable, "-m", "tuneprod.cli", "resume", remote], capture_output=True, text=True,
+                            timeout=600)
+    assert resume.returncode == 0, resume.stdout + resume.stderr
+    assert f"results in {remote}" in resume.stdout
+    keys = s3.keys("runs/shrunk_demo/")
+    for name in ("trials.parquet", "trials.csv", "best_config.yaml", "trial_endings.json", "report.html",
+                 "final/ensemble.json", "final/member_1/model.safetensors", "predictions.csv"):
+        assert f"runs/shrunk_demo/{name}" in keys, name
+
+    shutil.rmtree(mirror)
+    report = subprocess.run([sys.executable, "-m", "tuneprod.cli", "report", remote], capture_output=True, text=True,
+                            timeout=300)
+    assert report.returncode == 0, report.stderr
+    table = pd.read_parquet(mirror / "trials.parquet")
+    assert len(table) == 3 and (table["epochs_run"] == 20).all()
+    study = load_study(mirror)
+    assert len(study.trials) == 3 and {t.state for t in study.trials} == {TrialState.COMPLETE}
+    for progress in [k for k in keys if k.endswith("/progress.csv")]:  # continued from its checkpoint
+        body = s3.client.get_object(Bucket=s3.BUCKET, Key=progress)["Body"]
+        epochs = pd.read_csv(body)["epoch"].tolist()
+        assert epochs.count(1) == 1 and sorted(set(epochs)) == list(range(1, 21)), (progress, epochs)
+
+
+def test_the_drivers_files_go_up_changed_ones_only_the_study_as_a_snapshot_and_not_rays(s3, tmp_path):
+    import sqlite3
+
+    from tuneprod.storage import ExperimentUploads
+
+    local = tmp_path / "exp"
+    (local / "trial_abc_00000").mkdir(parents=True)
+    (local / "trial_abc_00000" / "progress.csv").write_text("epoch\n1\n")  # Ray's: brought back for a resume only
+    (local / "trial_endings.json").write_text("{}")
+    live = sqlite3.connect(local / "study.db")  # open, as the search holds it
+    live.execute("create table t (x)")
+    live.execute("insert into t values (42)")
+    live.commit()
+    uploads = ExperimentUploads(local, s3.uri("up/exp"), every_s=3600)
+    uploads()
+    assert s3.keys("up/exp") == ["up/exp/study.db", "up/exp/trial_endings.json"]
+    body = s3.client.get_object(Bucket=s3.BUCKET, Key="up/exp/study.db")["Body"].read()
+    (tmp_path / "copy.db").write_bytes(body)
+    assert sqlite3.connect(tmp_path / "copy.db").execute("select x from t").fetchall() == [(42,)]
+    (local / "report.html").write_text("<html>")
+    uploads()  # within the throttle: nothing
+    assert "up/exp/report.html" not in s3.keys("up/exp")
+    uploads(force=True)
+    assert "up/exp/report.html" in s3.keys("up/exp")
+    live.close()

@@ -6,6 +6,7 @@ from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
 from tuneprod.api import data_overrides
 from tuneprod.spec import UserError, spec_from_dict
+from tuneprod.tuning.endings import TrialEndings
 from tuneprod.tuning.scheduler import PromotingASHA
 from tuneprod.tuning.tuner import _scheduler, _searcher, check_resources_fit, trial_resources
 
@@ -21,7 +22,7 @@ SPACE = {"optimizer": {"choice": ["sgd", "adamw"]}, "momentum": {"uniform": [0.8
 def searcher_of(spec, folder: Path):
     """The searcher, keeping its study in `folder` (which a search creates before the searcher)."""
     folder.mkdir()
-    return _searcher(spec.placed(folder), grace=1)
+    return _searcher(spec.placed(folder), grace=1, endings=TrialEndings(folder, 4))
 
 
 def test_searcher_runs_start_points_first_then_samples_the_space(tmp_path):
@@ -47,23 +48,23 @@ def test_random_searcher_is_seeded(tmp_path):
 def test_scheduler_options_reach_both_ashas_and_fifo_has_no_early_stopping():
     options = {"max_epochs": 27, "grace_period": 3, "reduction_factor": 3}
     spec = spec_of(search={"metric": "val_loss", "scheduler": options})
-    promoting = _scheduler(spec, 3, print)
+    promoting = _scheduler(spec, 3, TrialEndings(None, 9), print)
     assert isinstance(promoting, PromotingASHA) and promoting.rungs.milestones == (3, 9)
     assert promoting._sign == -1.0  # val_loss: lower ranks higher
     stopping = _scheduler(spec_of(search={"metric": "val_loss", "scheduler": {**options, "type": "asha_stopping"}}),
-                          3, print)
+                          3, TrialEndings(None, 27), print)
     assert isinstance(stopping, ASHAScheduler)
     assert (stopping._max_t, stopping._time_attr, stopping._metric, stopping._mode) == \
         (27, "training_iteration", "val_loss", "min")
     assert [milestone for milestone, _ in stopping._brackets[0]._rungs] == [27, 9, 3]  # epochs where trials are cut
-    assert isinstance(_scheduler(spec_of(search={"scheduler": {"type": "fifo"}}), 1, print), FIFOScheduler)
+    assert isinstance(_scheduler(spec_of(search={"scheduler": {"type": "fifo"}}), 1, TrialEndings(None, 9), print), FIFOScheduler)
 
 
 def test_rung_metric_val_loss_ranks_by_lower_loss_while_the_search_maximises_accuracy():
     spec = spec_of(search={"scheduler": {"max_epochs": 9, "grace_period": 1, "rung_metric": "val_loss"}})
-    assert _scheduler(spec, 1, print)._sign == -1.0
+    assert _scheduler(spec, 1, TrialEndings(None, 9), print)._sign == -1.0
     stopping = spec_of(search={"scheduler": {"type": "asha_stopping", "rung_metric": "val_loss"}})
-    assert (_scheduler(stopping, 1, print)._metric, _scheduler(stopping, 1, print)._mode) == ("val_loss", "min")
+    assert (_scheduler(stopping, 1, TrialEndings(None, 9), print)._metric, _scheduler(stopping, 1, TrialEndings(None, 9), print)._mode) == ("val_loss", "min")
 
 
 @pytest.mark.parametrize("requested, cluster_gpus, expected", [("auto", 0, 0), ("auto", 4, 1), (0.25, 4, 0.25),

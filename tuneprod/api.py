@@ -56,8 +56,8 @@ def search(space: PathLike, *, data: Optional[PathLike] = None, test: Optional[P
 
 
 def _finish(spec, outcome, retrain: bool, address: Optional[str], progress: Callable[[str], None]):
-    from tuneprod.tuning.final_tasks import retrain_and_predict
     from tuneprod.spec import UserError
+    from tuneprod.tuning.final_tasks import retrain_and_predict
 
     try:
         if outcome.best_value is None:
@@ -66,7 +66,32 @@ def _finish(spec, outcome, retrain: bool, address: Optional[str], progress: Call
             retrain_and_predict(outcome.experiment_dir, progress, images=outcome.images, address=address)
     finally:  # a search whose trials all failed needs its report the most
         _report(outcome.experiment_dir, progress)
+        _upload(outcome.experiment_dir, progress)
     return outcome
+
+
+def _experiment(location: PathLike, trial_files: Sequence[str] = ()) -> Path:
+    """An experiment folder on this machine: a local one as given; one in a bucket (s3://...) brought back into
+    its local mirror, where the command then works (and from where its results go up again)."""
+    from tuneprod.spec import is_uri
+
+    if not is_uri(location):
+        return Path(location)
+    from tuneprod.storage import bring_back, mirror_folder, parent
+
+    storage, name = parent(str(location))
+    return bring_back(str(location), mirror_folder(storage) / name, trial_files)
+
+
+def _upload(experiment_dir: Path, progress: Callable[[str], None]) -> None:
+    """The driver's files up to the experiment's bucket folder, when its storage is one."""
+    from tuneprod.final.stage import load_experiment
+    from tuneprod.storage import ExperimentUploads
+
+    spec = load_experiment(experiment_dir)
+    if spec.remote is not None:
+        ExperimentUploads(experiment_dir, spec.remote)(force=True)
+        progress(f"tuneprod: results uploaded to {spec.remote}")
 
 
 def _report(experiment_dir: Path, progress: Callable[[str], None]) -> None:
@@ -85,7 +110,9 @@ def resume(experiment: PathLike, *, address: Optional[str] = None, retrain: bool
     from tuneprod.final.stage import load_experiment
     from tuneprod.tuning.tuner import resume_search
 
-    spec = load_experiment(Path(experiment))
+    # Ray brings back its own state from the bucket; the study, the endings and each trial's reported epochs (for
+    # the rungs) come back here.
+    spec = load_experiment(_experiment(experiment, trial_files=["progress.csv"]))
     outcome = resume_search(spec, address=address, progress=progress, verbose=verbose)
     return _finish(spec, outcome, retrain, address, progress)
 
@@ -94,15 +121,27 @@ def report(experiment: PathLike) -> Path:
     """Writes <experiment>/report.html: trials, learning curves, importances, the final model's mistakes."""
     from tuneprod.report import write_report
 
-    return write_report(Path(experiment))
+    experiment_dir = _experiment(experiment)
+    written = write_report(experiment_dir)
+    _upload(experiment_dir, lambda _: None)
+    return written
 
 
 def dashboard(experiment: PathLike, host: str = "127.0.0.1", port: int = 8080,
               progress: Callable[[str], None] = print) -> None:
     """Serves optuna-dashboard on the experiment's study until interrupted."""
     from tuneprod.dashboard import serve
+    from tuneprod.spec import is_uri
 
-    serve(Path(experiment), host, port, progress)
+    experiment_dir = _experiment(experiment)
+    refresh = None
+    if is_uri(experiment):  # in a bucket: serve its newest study
+        from tuneprod.storage import RemoteFolder
+        from tuneprod.tuning.results import STUDY_DB
+
+        def refresh():
+            RemoteFolder(experiment).download(STUDY_DB, experiment_dir / STUDY_DB)
+    serve(experiment_dir, host, port, progress, refresh)
 
 
 def retrain(experiment: PathLike, *, address: Optional[str] = None, progress: Callable[[str], None] = print) -> Path:
@@ -110,7 +149,11 @@ def retrain(experiment: PathLike, *, address: Optional[str] = None, progress: Ca
     <experiment>/final) and predicts the spec's test images, if any. Returns the model folder."""
     from tuneprod.tuning.final_tasks import retrain_and_predict
 
-    return retrain_and_predict(Path(experiment), progress, address=address)
+    experiment_dir = _experiment(experiment)
+    try:
+        return retrain_and_predict(experiment_dir, progress, address=address)
+    finally:
+        _upload(experiment_dir, progress)
 
 
 def predict(model: PathLike, images: PathLike, out: PathLike = "predictions.csv",
@@ -119,7 +162,19 @@ def predict(model: PathLike, images: PathLike, out: PathLike = "predictions.csv"
     scale, crops; [] for none; default: as the model was saved). Returns a PredictionReport."""
     from tuneprod.final.inference import predict as run_predict
 
-    return run_predict(Path(model), Path(images), Path(out), tta=tta, batch_size=batch_size, progress=progress)
+    return run_predict(_model(model), Path(images), Path(out), tta=tta, batch_size=batch_size, progress=progress)
+
+
+def _model(location: PathLike) -> Path:
+    """A model folder on this machine (one in a bucket fetched once, into the cache, by its listing)."""
+    from tuneprod.spec import is_uri
+
+    if not is_uri(location):
+        return Path(location)
+    from tuneprod.storage import fetch_location
+    from tuneprod.train.cache import default_root
+
+    return fetch_location(str(location), default_root(), progress=lambda _: None)[0]
 
 
 def demo_data(out_dir: PathLike, **options) -> dict:

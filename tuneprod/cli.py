@@ -44,7 +44,8 @@ def _parser() -> argparse.ArgumentParser:
                                        "or a bucket's")
     search.add_argument("--num-samples", type=_positive_int, help="number of trials (replaces search.num_samples)")
     search.add_argument("--name", help="experiment name (default: the YAML's name or file stem)")
-    search.add_argument("--storage", type=Path, help="where experiments go (default: ./tuneprod_runs)")
+    search.add_argument("--storage", help="where experiments go: a folder (default: ./tuneprod_runs), or a bucket "
+                                          "(s3://bucket/prefix, gs://...; a cluster without a shared folder needs one)")
     search.add_argument("--address", help="Ray cluster to join, e.g. auto (default: start Ray on this machine)")
     search.add_argument("--no-retrain", action="store_true", help="stop after the search (no final stage)")
     search.add_argument("--verbose", action="store_true", help="Ray's own progress tables, warnings and trial output "
@@ -54,7 +55,8 @@ def _parser() -> argparse.ArgumentParser:
                                  description="Continues a search that was interrupted (Ctrl-C, a lost driver): "
                                              "unfinished trials restart from their last checkpoint; then retrains "
                                              "and predicts like search.")
-    resume.add_argument("experiment", type=Path, help="experiment folder, e.g. tuneprod_runs/demo")
+    resume.add_argument("experiment", help="experiment folder, e.g. tuneprod_runs/demo, or its bucket folder "
+                                        "(s3://bucket/tuneprod_runs/demo)")
     resume.add_argument("--address", help="Ray cluster to join (default: start Ray on this machine)")
     resume.add_argument("--no-retrain", action="store_true", help="stop after the search")
     resume.add_argument("--verbose", action="store_true", help="Ray's own output (as for search)")
@@ -64,13 +66,15 @@ def _parser() -> argparse.ArgumentParser:
                                              "trials, their learning curves with the scheduler's rungs and stops, "
                                              "parameter importances, parallel coordinates, the final model and its "
                                              "misclassified test images. A search writes it when it ends.")
-    report.add_argument("experiment", type=Path, help="experiment folder, e.g. tuneprod_runs/demo")
+    report.add_argument("experiment", help="experiment folder, e.g. tuneprod_runs/demo, or its bucket folder "
+                                        "(s3://bucket/tuneprod_runs/demo)")
 
     dashboard = commands.add_parser("dashboard", help="watch a search live in optuna-dashboard",
                                     description="Serves optuna-dashboard on the experiment's study.db, while the "
                                                 "search runs or after: history, each trial's learning curve, "
                                                 "parallel coordinates, importances.")
-    dashboard.add_argument("experiment", type=Path, help="experiment folder, e.g. tuneprod_runs/demo")
+    dashboard.add_argument("experiment", help="experiment folder, e.g. tuneprod_runs/demo, or its bucket folder "
+                                        "(s3://bucket/tuneprod_runs/demo)")
     dashboard.add_argument("--host", default="127.0.0.1", help="address to listen on (default: %(default)s, this "
                                                               "machine only; reach a cluster's with ssh -L)")
     dashboard.add_argument("--port", type=_positive_int, default=8080, help="default: %(default)s")
@@ -79,14 +83,15 @@ def _parser() -> argparse.ArgumentParser:
                                   description="Trains the final stage's members (the best distinct configurations, "
                                               "final.members x final.seeds) on train + validation images into "
                                               "<experiment>/final, and predicts data.test when it is set.")
-    retrain.add_argument("experiment", type=Path, help="experiment folder, e.g. tuneprod_runs/demo")
+    retrain.add_argument("experiment", help="experiment folder, e.g. tuneprod_runs/demo, or its bucket folder "
+                                        "(s3://bucket/tuneprod_runs/demo)")
     retrain.add_argument("--address", help="Ray cluster to train the members on (default: this machine)")
 
     predict = commands.add_parser("predict", help="predict labels for a folder of images",
                                   description="Writes file,label,confidence,top5_labels,top5_confidences,error (a row "
                                               "without a label for an unreadable image); prints the "
                                               "accuracy when a test_labels.csv (file,label) sits beside the images.")
-    predict.add_argument("model", type=Path, help="model folder, e.g. tuneprod_runs/demo/final")
+    predict.add_argument("model", help="model folder, e.g. tuneprod_runs/demo/final, or its bucket folder")
     predict.add_argument("images", type=Path, help="folder of images (searched recursively) or one image")
     predict.add_argument("--out", type=Path, default=Path("predictions.csv"), help="CSV to write (default: %(default)s)")
     predict.add_argument("--tta", type=_views, metavar="VIEWS",
@@ -112,11 +117,11 @@ def _run(args: argparse.Namespace) -> None:
         outcome = api.search(args.space, data=args.data, test=args.test, num_samples=args.num_samples,
                              name=args.name, storage=args.storage, address=args.address,
                              retrain=not args.no_retrain, verbose=args.verbose)
-        _print_done(outcome.experiment_dir)
+        _print_done(outcome.experiment_dir, outcome.remote)
     elif args.command == "resume":
         outcome = api.resume(args.experiment, address=args.address, retrain=not args.no_retrain,
                              verbose=args.verbose)
-        _print_done(outcome.experiment_dir)
+        _print_done(outcome.experiment_dir, outcome.remote)
     elif args.command == "report":
         print(f"report: written to {api.report(args.experiment)}")
     elif args.command == "dashboard":
@@ -135,11 +140,13 @@ def _run(args: argparse.Namespace) -> None:
               f"{summary['test_images']} test images in {summary['path']}")
 
 
-def _print_done(experiment_dir: Path) -> None:
+def _print_done(experiment_dir: Path, remote: Optional[str]) -> None:
     written = [name for name in ("trials.csv", "best_config.yaml", "final/", "predictions.csv", "report.html")
                if (experiment_dir / name.rstrip("/")).exists()]
-    print(f"tuneprod: done; results in {experiment_dir} ({', '.join(written)}). "
-          f"Look back with `tuneprod dashboard {experiment_dir}` or `tensorboard --logdir {experiment_dir}`")
+    where = remote or experiment_dir
+    mirror = f" (and on this machine in {experiment_dir})" if remote else ""
+    print(f"tuneprod: done; results in {where}{mirror} ({', '.join(written)}). "
+          f"Look back with `tuneprod dashboard {where}` or `tensorboard --logdir {where}`")
 
 
 def main(argv: Optional[list[str]] = None) -> int:

@@ -412,14 +412,33 @@ class Spec:
     final: FinalSpec
     space: Space
     name: str
-    storage: Path
+    storage: Location  # a folder, or a bucket's URI (then the driver's own files are kept in a local mirror)
     document: dict  # the validated YAML with absolute paths: saved beside the results, reloaded by retrain
     # Where images given as URIs were fetched from: {"train": ObjectListing, ...} (train/cache.py's `localised`).
     sources: dict = dataclasses.field(default_factory=dict)
 
     @property
     def experiment_dir(self) -> Path:
+        """The experiment's folder on this machine: where the driver writes its own files (with a bucket for
+        storage, the local mirror they are uploaded from)."""
+        if is_uri(self.storage):
+            from tuneprod.storage import mirror_folder
+
+            return mirror_folder(self.storage) / self.name
         return self.storage / self.name
+
+    @property
+    def remote(self) -> Optional[str]:
+        """The experiment's folder in the bucket, when storage is one."""
+        if not is_uri(self.storage):
+            return None
+        from tuneprod.storage import join
+
+        return join(self.storage, self.name)
+
+    def named(self, name: str) -> "Spec":
+        """The same spec under another experiment name, in the same storage."""
+        return dataclasses.replace(self, name=name, document={**self.document, "name": name})
 
     def placed(self, experiment_dir: Path) -> "Spec":
         """The same spec writing to another experiment folder."""
@@ -455,7 +474,7 @@ class _Document(_Strict):
     retrain: Optional[FinalSpec] = None  # the section's older name, still read (experiments saved with it)
     space: dict[str, Any] = {}
     name: Optional[str] = None
-    storage: Path = Path("tuneprod_runs")
+    storage: Location = Path("tuneprod_runs")
 
     @model_validator(mode="after")
     def _one_final_section(self):

@@ -17,7 +17,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator, Optional
+from typing import Callable, Iterator, Optional, Sequence
 from urllib.parse import urlsplit, urlunsplit
 
 import pyarrow.fs as pafs
@@ -240,17 +240,90 @@ class RemoteFolder:
             shutil.copyfileobj(source, sink, 1 << 20)
         os.replace(staging, local)
 
-    def children(self) -> list[str]:
+    def entries(self) -> dict[str, bool]:
+        """The files and folders directly inside, name -> whether it is a folder (none when there is no such
+        folder)."""
         try:
             infos = self.fs.get_file_info(pafs.FileSelector(self.root, allow_not_found=True))
         except OSError as exc:
             raise explain(self.uri, exc) from None
-        return sorted(info.base_name for info in infos if info.type == pafs.FileType.Directory)
+        return {info.base_name: info.type == pafs.FileType.Directory for info in sorted(infos, key=lambda i: i.path)}
 
 
-def mirror_folder(uri: str, root: Optional[Path] = None) -> Path:
-    """The driver's local folder for a storage URI: its own files are written there, then uploaded."""
+def mirror_folder(uri: str) -> Path:
+    """The driver's local folder for a storage URI: its own files are written there, then uploaded (under
+    $TUNEPROD_CACHE, else ~/.cache/tuneprod)."""
     split = urlsplit(uri)
-    base = Path(root or os.environ.get("TUNEPROD_CACHE", "~/.cache/tuneprod")).expanduser()
+    base = Path(os.environ.get("TUNEPROD_CACHE", "~/.cache/tuneprod")).expanduser()
     return base / "storage" / split.scheme / split.netloc / split.path.strip("/")
 
+
+
+RAY_FOLDERS = "trial_"  # Ray's own per-trial folders (trial_<id>/): written to the bucket by Ray, not the driver
+SQLITE_SUFFIX = ".db"
+
+
+def snapshot_sqlite(source: Path, target: Path) -> None:
+    """A consistent copy of a live SQLite database (its backup API), never the file as it is being written."""
+    import sqlite3
+
+    target.unlink(missing_ok=True)
+    with contextlib.closing(sqlite3.connect(source)) as live, contextlib.closing(sqlite3.connect(target)) as copy:
+        live.backup(copy)
+
+
+class ExperimentUploads:
+    """Uploads the driver's own files of an experiment (study, table, endings, report, final/, predictions) from
+    its local folder to its folder in the bucket: the changed ones, at most every `every_s` unless forced. The
+    study goes up as a snapshot. Ray's trial folders are Ray's to write."""
+
+    def __init__(self, local: Path, remote: Optional[str], every_s: float = 30.0):
+        self.local, self.remote, self.every_s = Path(local), remote, every_s
+        self.sent: dict[str, tuple[int, int]] = {}  # relative path -> (size, mtime) uploaded
+        self.last = -float("inf")
+
+    def __call__(self, force: bool = False) -> None:
+        if self.remote is None or (not force and time.monotonic() - self.last < self.every_s):
+            return
+        self.last = time.monotonic()
+        folder = RemoteFolder(self.remote)
+        for path in sorted(self.local.rglob("*")):
+            relative = path.relative_to(self.local).as_posix()
+            if not path.is_file() or _in_trial_folder(relative) or "/." in f"/{relative}":
+                continue
+            stat = path.stat()
+            if self.sent.get(relative) == (stat.st_size, stat.st_mtime_ns):
+                continue
+            if path.suffix == SQLITE_SUFFIX:
+                snapshot = path.parent / f".{path.name}.snapshot"
+                snapshot_sqlite(path, snapshot)
+                folder.upload(snapshot, relative)
+                snapshot.unlink()
+            else:
+                folder.upload(path, relative)
+            self.sent[relative] = (stat.st_size, stat.st_mtime_ns)
+
+    def __getstate__(self) -> dict:  # travels with the Tuner's callbacks; a resumed search uploads afresh
+        return {"local": self.local, "remote": self.remote, "every_s": self.every_s}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__init__(**state)
+
+
+def _in_trial_folder(relative: str) -> bool:
+    return relative.startswith(RAY_FOLDERS) and "/" in relative
+
+
+def bring_back(remote: str, local: Path, trial_files: Sequence[str] = ()) -> Path:
+    """The experiment's own files from its bucket folder into `local` (its local mirror), and of each of Ray's
+    trial folders only `trial_files` (their progress.csv, for a resumed search's rungs)."""
+    folder = RemoteFolder(remote)
+    entries = folder.entries()
+    if not entries:
+        raise StorageError(f"{without_query(remote)}: no experiment there; pass the folder `tuneprod search` "
+                           f"printed, e.g. s3://bucket/tuneprod_runs/demo")
+    for name, is_folder in entries.items():
+        for wanted in (trial_files if is_folder and name.startswith(RAY_FOLDERS) else [""]):
+            relative = f"{name}/{wanted}" if wanted else name
+            folder.download(relative, Path(local) / relative)
+    return Path(local)

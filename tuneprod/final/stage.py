@@ -20,7 +20,7 @@ from safetensors.torch import load_file
 from tuneprod.final import artifact
 from tuneprod.final.ensemble import soup
 from tuneprod.final.inference import PredictionReport, Scorer, predict, score_images
-from tuneprod.spec import EXPERIMENT_SPEC, Hyperparams, Spec, TrialConfig, UserError, load_spec
+from tuneprod.spec import EXPERIMENT_SPEC, Hyperparams, Spec, TrialConfig, UserError, is_uri, load_spec
 from tuneprod.train.cache import DecodedImages, labelled_images
 from tuneprod.train.data import TEST_LABELS, check_test_images
 from tuneprod.train.heads import build_model
@@ -168,4 +168,6 @@ def load_experiment(experiment_dir: Path) -> Spec:
     if not saved.is_file():
         raise UserError(f"{experiment_dir}: not a tuneprod experiment folder (no {EXPERIMENT_SPEC}); pass the "
                         f"folder `tuneprod search` printed, e.g. tuneprod_runs/demo")
-    return load_spec(saved).placed(experiment_dir.absolute())
+    spec = load_spec(saved)
+    # Its storage a bucket: this folder is the driver's mirror of it, and the spec still names the bucket.
+    return spec if is_uri(spec.storage) else spec.placed(experiment_dir.absolute())

@@ -173,10 +173,17 @@ def read_table(experiment_dir: Path) -> pd.DataFrame:
     return pd.read_parquet(experiment_dir / TRIALS_PARQUET)
 
 
-def study_storage(experiment_dir: Path) -> optuna.storages.RDBStorage:
+def study_storage(experiment_dir: Path, pooled: bool = True) -> optuna.storages.RDBStorage:
+    """`pooled`: False opens the file anew for every request (a dashboard whose file is replaced by a newer
+    snapshot)."""
     # A dashboard may read while the search writes: wait for SQLite's lock rather than fail.
+    options = {"connect_args": {"timeout": 60}}
+    if not pooled:
+        from sqlalchemy.pool import NullPool
+
+        options["poolclass"] = NullPool
     return optuna.storages.RDBStorage(f"sqlite:///{Path(experiment_dir).absolute() / STUDY_DB}",
-                                      engine_kwargs={"connect_args": {"timeout": 60}})
+                                      engine_kwargs=options)
 
 
 def load_study(experiment_dir: Path) -> Optional[optuna.Study]:

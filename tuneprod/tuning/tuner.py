@@ -17,6 +17,7 @@ from ray import tune
 from ray.tune.schedulers import FIFOScheduler
 
 from tuneprod.final.ensemble import view_count
+from tuneprod.storage import ExperimentUploads, RemoteFolder
 from tuneprod.spec import EXPERIMENT_SPEC, Hyperparams, SearchInterrupted, Spec, TrialConfig, UserError
 from tuneprod.train.cache import DecodedImages, default_root, labelled_images, localised
 from tuneprod.train.data import DataError, check_test_images, list_images, validation_split
@@ -40,7 +41,8 @@ PROBE_TIMEOUT_S = 900  # a GPU busy with other work, or a cluster that never get
 
 @dataclass(frozen=True)
 class SearchOutcome:
-    experiment_dir: Path
+    experiment_dir: Path  # on this machine (with a bucket for storage, the mirror uploaded from)
+    remote: Optional[str]  # the experiment's folder in the bucket, if storage is one
     trials: int
     failed: int
     stopped_early: int
@@ -50,18 +52,23 @@ class SearchOutcome:
 
 def claim_experiment_dir(spec: Spec) -> Spec:
     """Never mixes two searches in one folder: a taken name gets a numeric suffix. The folder is claimed by creating
-    its spec file exclusively, so that two searches started at once with one name still get one folder each."""
+    its spec file exclusively, so that two searches started at once with one name still get one folder each; with a
+    bucket for storage, a name the bucket holds (another machine's search) is taken too."""
     candidate, n = spec, 1
     while True:
         candidate.experiment_dir.mkdir(parents=True, exist_ok=True)
         try:
             with open(candidate.experiment_dir / EXPERIMENT_SPEC, "x"):
                 pass
+            taken = candidate.remote is not None and bool(RemoteFolder(candidate.remote).entries())
         except FileExistsError:
+            taken = True
+        if taken:
             n += 1
-            candidate = spec.placed(spec.storage / f"{spec.name}_{n}")
+            candidate = spec.named(f"{spec.name}_{n}")
             continue
         candidate.save(candidate.experiment_dir / EXPERIMENT_SPEC)
+        ExperimentUploads(candidate.experiment_dir, candidate.remote)(force=True)  # the bucket's name taken now
         return candidate
 
 
@@ -77,7 +84,8 @@ def run_search(spec: Spec, address: Optional[str] = None, progress: Callable[[st
     stopper = _budget(spec, data, images, grace, final and spec.final.enabled, progress)
     # Only now, with every check passed, does the experiment folder appear.
     spec = claim_experiment_dir(spec)
-    progress(f"tuneprod: results go to {spec.experiment_dir}")
+    progress(f"tuneprod: results go to {spec.remote} (the driver's files via {spec.experiment_dir})" if spec.remote
+             else f"tuneprod: results go to {spec.experiment_dir}")
     endings = TrialEndings.open(spec.experiment_dir, spec.search.scheduler.max_epochs)
     if stopper is not None:
         stopper.endings = endings
@@ -98,11 +106,30 @@ def run_search(spec: Spec, address: Optional[str] = None, progress: Callable[[st
             name=spec.name, storage_path=str(spec.storage), stop=stopper,
             checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
             failure_config=tune.FailureConfig(max_failures=spec.search.max_failures),
-            callbacks=[_view(spec, endings, stopper, show=not verbose)], verbose=1 if verbose else 0),
+            callbacks=[_view(spec, endings, stopper, show=not verbose),
+                       UploadsDriverFiles(ExperimentUploads(spec.experiment_dir, spec.remote))],
+            verbose=1 if verbose else 0),
     )
     progress(f"tuneprod: watch it with `tuneprod dashboard {spec.experiment_dir}` or "
              f"`tensorboard --logdir {spec.experiment_dir}`")
     return _fit(spec, tuner, images, endings, progress, verbose)
+
+
+class UploadsDriverFiles(tune.Callback):
+    """With a bucket for storage, the driver's own files (the study, the endings) go up as trials end, at most
+    every 30 s, and when the search ends. (Ray sends its own: checkpoints from the workers, experiment state.)"""
+
+    def __init__(self, uploads: ExperimentUploads):
+        self.uploads = uploads
+
+    def on_trial_complete(self, iteration, trials, trial, **info) -> None:
+        self.uploads()
+
+    def on_trial_error(self, iteration, trials, trial, **info) -> None:
+        self.uploads()
+
+    def on_experiment_end(self, trials, **info) -> None:
+        self.uploads(force=True)
 
 
 def _view(spec: Spec, endings: TrialEndings, stopper: Optional[BudgetStopper], show: bool) -> SearchView:
@@ -198,15 +225,17 @@ def resume_search(spec: Spec, address: Optional[str] = None, progress: Callable[
     """Continues an interrupted search (the spec saved in its folder): unfinished trials restart from their last
     checkpoint, the searcher from its saved state; finished and failed trials stay as they were."""
     experiment_dir = spec.experiment_dir
-    if not tune.Tuner.can_restore(str(experiment_dir)):
-        raise UserError(f"{experiment_dir}: holds no saved search state to resume; start a new search instead")
+    ray_experiment = spec.remote or str(experiment_dir)  # where Ray keeps the search's state
+    if not tune.Tuner.can_restore(ray_experiment):
+        raise UserError(f"{spec.remote or experiment_dir}: holds no saved search state to resume; start a new search "
+                        f"instead")
     spec = localised(spec, progress)
     images, data = _trial_data(spec, progress)
     start_ray(address, progress, verbose)
     # The record the restored scheduler, budget, searcher and console all become (see TrialEndings.__reduce__).
     endings = TrialEndings.open(experiment_dir, spec.search.scheduler.max_epochs)
     with resumed_at(experiment_dir):
-        tuner = tune.Tuner.restore(str(experiment_dir), trainable=_trainable(spec, data, address, progress),
+        tuner = tune.Tuner.restore(ray_experiment, trainable=_trainable(spec, data, address, progress),
                                    resume_unfinished=True, resume_errored=False, restart_errored=False)
     progress(f"tuneprod: resuming the search in {experiment_dir}")
     return _fit(spec, tuner, images, endings, progress, verbose)
@@ -299,7 +328,7 @@ def _fit(spec: Spec, tuner: tune.Tuner, images: DecodedImages, endings: TrialEnd
         grid = tuner.fit()
         if interrupted():  # half-run trials must not be tabled as stopped by ASHA, nor one of them retrained
             raise SearchInterrupted(f"the search was stopped before its trials finished; continue it with: "
-                                    f"tuneprod resume {spec.experiment_dir}")
+                                    f"tuneprod resume {spec.remote or spec.experiment_dir}")
     return summarise(spec, grid, images, endings, progress)
 
 
@@ -339,9 +368,9 @@ def summarise(spec: Spec, grid, images: DecodedImages, endings: TrialEndings,
     try:
         best = float(results.best_row(table, metric)[metric])
     except ValueError:
-        return SearchOutcome(spec.experiment_dir, len(table), failed, stopped, None, images)
+        return SearchOutcome(spec.experiment_dir, spec.remote, len(table), failed, stopped, None, images)
     progress(f"tuneprod: best {metric} {best:.4f}; configuration in {spec.experiment_dir / results.BEST_CONFIG}")
-    return SearchOutcome(spec.experiment_dir, len(table), failed, stopped, best, images)
+    return SearchOutcome(spec.experiment_dir, spec.remote, len(table), failed, stopped, best, images)
 
 
 def _cpus_per_gpu() -> float:
