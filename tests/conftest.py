@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import write_image_folder
+from tests.helpers import LocalS3, write_image_folder
 
 
 @pytest.fixture(autouse=True, scope="session")
@@ -16,3 +16,11 @@ def decoded_cache_in_tmp(tmp_path_factory):
 @pytest.fixture
 def image_folder(tmp_path: Path) -> Path:
     return write_image_folder(tmp_path / "images")
+
+
+@pytest.fixture(scope="session")
+def s3():
+    """A local S3 server (see helpers.LocalS3), one for the whole run, started by the first test that asks."""
+    server = LocalS3()
+    yield server
+    server.stop()

@@ -128,3 +128,129 @@ def test_a_search_joins_a_running_ray_start_cluster_and_local_starts_its_own(tmp
     # A driver that joins a cluster logs into that cluster's session folder, under its process id.
     drivers = " ".join(p.name for p in (session / "logs").glob("python-core-driver-*"))
     assert f"_{joins.pid}." in drivers and f"_{alone.pid}." not in drivers, drivers
+
+
+@pytest.fixture
+def cloud_like_cluster(s3, tmp_path_factory):
+    """A `ray start` head with no CPUs (as cluster.yaml's) and two 1-CPU worker nodes, each started in a mount
+    namespace of its own with an empty tmpfs over the tests' folders: like a cloud node, a worker sees none of the
+    head's files (its images, its storage, its decoded cache), only its own disk, the code, and the S3 server.
+    The nodes start one at a time (two starting at once on one machine can pick the same free port)."""
+    hidden = tmp_path_factory.getbasetemp()
+    temp = Path(tempfile.mkdtemp(prefix="rc", dir="/tmp"))  # outside `hidden`: every node's Ray uses it
+    env = {**os.environ, "RAY_TMPDIR": str(temp), "RAY_AUTH_MODE": "token"}
+    workers = []
+    try:
+        # With its dashboard: the test asks Ray's state API where the tasks ran.
+        subprocess.run(["ray", "start", "--head", "--num-cpus=0", "--port=0", "--include-dashboard=true",
+                        f"--dashboard-port={_free_port()}", "--disable-usage-stats"], env=env, check=True,
+                       capture_output=True, timeout=120)
+        address = (temp / "ray" / "ray_current_cluster").read_text().strip()
+        for nodes in (2, 3):
+            workers.append(subprocess.Popen(
+                ["unshare", "-m", "--propagation", "private", "sh", "-c", f"mount -t tmpfs tmpfs {hidden} && exec "
+                 f"ray start --address={address} --num-cpus=1 --block --disable-usage-stats"],
+                env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+            deadline = time.monotonic() + 120
+            while _alive_nodes(env) < nodes and time.monotonic() < deadline:
+                time.sleep(1)
+            assert _alive_nodes(env) == nodes
+        yield env
+    finally:
+        ours = [p for p in psutil.process_iter(["cmdline"]) if str(temp) in " ".join(p.info["cmdline"] or [])]
+        ours += [psutil.Process(w.pid) for w in workers if w.poll() is None]
+        for process in ours + [child for p in ours for child in p.children(recursive=True)]:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                process.kill()
+        shutil.rmtree(temp, ignore_errors=True)
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def _alive_nodes(env: dict) -> int:
+    status = subprocess.run([sys.executable, "-c", "import ray; ray.init(address='auto', log_to_driver=False); "
+                             "print(sum(n['Alive'] for n in ray.nodes()))"], env=env, capture_output=True, text=True)
+    return int(status.stdout.strip().splitlines()[-1]) if status.returncode == 0 else 0
+
+
+def _placements(env: dict) -> dict:
+    """{task or actor name: the set of node ids it ran on} and the head's node id, from Ray's state API."""
+    code = ("import json, ray; from ray.util.state import list_tasks; ray.init(address='auto', log_to_driver=False);"
+            "head = [n['NodeID'] for n in ray.nodes() if n['Resources'].get('CPU', 0) == 0 and n['Alive']];"
+            "tasks = list_tasks(limit=10000, raise_on_missing_output=False);"
+            "print(json.dumps({'head': head, 'tasks': [[t.name, t.node_id] for t in tasks]}))")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    found = json.loads(out.stdout.strip().splitlines()[-1])
+    places = {}
+    for name, node in found["tasks"]:
+        places.setdefault(name, set()).add(node)
+    return {"head": set(found["head"]), "tasks": places}
+
+
+def test_a_cloud_like_cluster_searches_from_a_bucket_and_resumes_after_losing_its_driver(s3, cloud_like_cluster,
+                                                                                        tmp_path):
+    env = cloud_like_cluster
+    generate_demo(tmp_path / "demo", classes=3, train_per_class=8, test_per_class=3, size=32)
+    s3.upload(tmp_path / "demo", "cloud/demo")
+    in_bucket = {"demo": None, "train": s3.uri("cloud/demo/train.csv"), "test": s3.uri("cloud/demo/test"),
+                 "image_size": 32}
+    space = shrunk_space("demo.yaml", tmp_path, data=in_bucket,
+                         search={"num_samples": 3, "scheduler": {"type": "asha", "max_epochs": 4, "grace_period": 1,
+                                                                 "reduction_factor": 2}},
+                         final={"members": 2, "seeds": 1, "tta": ["flip"]})
+    cli = [sys.executable, "-m", "tuneprod.cli"]
+
+    # A folder on the head for storage: refused before any trial, in one line that says what would work.
+    refused = subprocess.run(cli + ["search", str(space), "--storage", str(tmp_path / "runs"), "--address", "auto"],
+                             env=env, capture_output=True, text=True, timeout=600)
+    assert refused.returncode == 2, refused.stdout + refused.stderr
+    error = refused.stderr.strip().splitlines()[-1]
+    assert f"error: storage: {tmp_path / 'runs'} is a folder on this machine, but Ray node" in error, error
+    assert "use a bucket" in error and not (tmp_path / "runs" / "shrunk_demo" / "trials.parquet").exists()
+
+    storage = s3.uri("cloud/runs")
+    search = subprocess.run(cli + ["search", str(space), "--storage", storage, "--address", "auto"],
+                            env=env, capture_output=True, text=True, timeout=900)
+    assert search.returncode == 0, search.stdout + search.stderr
+    keys = s3.keys("cloud/runs/shrunk_demo/")
+    for name in ("trials.parquet", "study.db", "report.html", "final/ensemble.json", "predictions.csv"):
+        assert f"cloud/runs/shrunk_demo/{name}" in keys, name
+    body = s3.client.get_object(Bucket=s3.BUCKET, Key="cloud/runs/shrunk_demo/predictions.csv")["Body"]
+    assert len(pd.read_csv(body)) == 9
+    assert len([k for k in keys if k.endswith("/progress.csv")]) == 3
+    placed = _placements(env)
+    for name in ("ImplicitFunc.", "_member_task", "_score_shard"):  # trials (actors), members, shards
+        nodes = {node for task, where in placed["tasks"].items() if task.startswith(name) for node in where}
+        assert nodes and not nodes & placed["head"], (name, placed)
+
+    # The driver lost (killed hard) mid-search; `tuneprod resume` from the bucket, on a machine without its mirror.
+    long = shrunk_space("demo.yaml", tmp_path, data=in_bucket,
+                        search={"num_samples": 2, "scheduler": {"type": "fifo", "max_epochs": 30}},
+                        final={"members": 1, "seeds": 1, "tta": []})
+    driver = subprocess.Popen(cli + ["search", str(long), "--storage", storage, "--name", "long",
+                                     "--address", "auto", "--no-retrain"], env=env, stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 300
+    while not [k for k in s3.keys("cloud/runs/long/experiment_state")] or \
+            not [k for k in s3.keys("cloud/runs/long/trial_") if "/checkpoint_000003/" in k]:
+        assert time.monotonic() < deadline and driver.poll() is None
+        time.sleep(0.5)
+    driver.kill()
+    driver.wait()
+    from tuneprod.storage import mirror_folder
+
+    shutil.rmtree(mirror_folder(storage) / "long")
+    resumed = subprocess.run(cli + ["resume", s3.uri("cloud/runs/long"), "--address", "auto", "--no-retrain"],
+                             env=env, capture_output=True, text=True, timeout=900)
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    body = s3.client.get_object(Bucket=s3.BUCKET, Key="cloud/runs/long/trials.parquet")["Body"].read()
+    (tmp_path / "long.parquet").write_bytes(body)
+    table = pd.read_parquet(tmp_path / "long.parquet")
+    assert len(table) == 2 and (table["epochs_run"] == 30).all(), table

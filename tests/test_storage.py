@@ -6,18 +6,11 @@ import pickle
 import numpy as np
 import pytest
 
-from tests.helpers import LocalS3, write_image_folder
+from tests.helpers import write_image_folder
 from tuneprod.spec import spec_from_dict
 from tuneprod.storage import COMPLETE, ObjectListing, RemoteFolder, StorageError, fetch_location
 from tuneprod.train.cache import labelled_images, localised
 from tuneprod.train.data import decode_resized
-
-
-@pytest.fixture(scope="module")
-def s3():
-    server = LocalS3()
-    yield server
-    server.stop()
 
 
 @pytest.fixture(scope="module")

@@ -38,7 +38,9 @@ class StudySearch(OptunaSearch):
         return config
 
     def on_trial_result(self, trial_id: str, result: dict) -> None:
-        if FAILED_RESULT not in result:  # a failure's report is no point of the learning curve
+        # A failure's report is no point of the learning curve. A trial the study does not know: one Ray saved in a
+        # bucket after the study's last upload there, before the driver was lost (see _reopen).
+        if FAILED_RESULT not in result and trial_id in self._ot_trials:
             super().on_trial_result(trial_id, result)
 
     def on_trial_complete(self, trial_id: str, result: Optional[dict] = None, error: bool = False) -> None:
@@ -95,9 +97,11 @@ class StudySearch(OptunaSearch):
         self._storage = study_storage(experiment_dir)
         self._ot_study = optuna.load_study(study_name=self._study_name, storage=self._storage, sampler=self._sampler,
                                            pruner=optuna.pruners.NopPruner())
-        # The saved state holds each trial's storage id (see __getstate__).
+        # The saved state holds each trial's storage id (see __getstate__); one the study file lacks (its copy in a
+        # bucket older than Ray's saved state) goes on without a place in the study.
+        stored = {trial._trial_id for trial in self._ot_study.get_trials(deepcopy=False)}
         self._ot_trials = {ray_id: optuna.Trial(self._ot_study, storage_id)
-                           for ray_id, storage_id in self._ot_trials.items()}
+                           for ray_id, storage_id in self._ot_trials.items() if storage_id in stored}
 
 
 def study_state(ending: Ending) -> TrialState:

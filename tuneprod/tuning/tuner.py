@@ -28,6 +28,7 @@ from tuneprod.tuning.budget import (BudgetStopper, MemberPlan, Speed, Workload, 
                                     trial_seconds)
 from tuneprod.tuning.console import SearchView
 from tuneprod.tuning.endings import CUT, FAILED, FINISHED, STOPPED, TrialEndings
+from tuneprod.tuning.nodes import check_seen_by_every_node
 from tuneprod.tuning.packing import PROBE_RECORD, PackingTable, measure_gpu
 from tuneprod.tuning.scheduler import (PromotingASHA, RecordingASHA, RunningTrialsLimiter, auto_grace_period,
                                        milestones)
@@ -36,6 +37,8 @@ from tuneprod.tuning.restore import resumed_at
 from tuneprod.tuning.study import StudySearch, close_open_trials
 from tuneprod.tuning.trainable import TrialData, train_trial
 
+DRIVER_UPLOAD_S = 10  # with a bucket for storage: the driver's files go up at most this often
+RAY_SYNC_S = 30  # and Ray's experiment state (small) this often, rather than its default of 5 minutes
 PROBE_TIMEOUT_S = 900  # a GPU busy with other work, or a cluster that never gets one: give up, use whole GPUs
 
 
@@ -80,6 +83,7 @@ def run_search(spec: Spec, address: Optional[str] = None, progress: Callable[[st
     images, data = _trial_data(spec, progress)
     grace = grace_period(spec, data)
     start_ray(address, progress, verbose)
+    check_seen_by_every_node(spec, images)
     trainable = _trainable(spec, data, address, progress)
     stopper = _budget(spec, data, images, grace, final and spec.final.enabled, progress)
     # Only now, with every check passed, does the experiment folder appear.
@@ -104,10 +108,11 @@ def run_search(spec: Spec, address: Optional[str] = None, progress: Callable[[st
                                     trial_dirname_creator=lambda trial: f"trial_{trial.trial_id}"),
         run_config=tune.RunConfig(
             name=spec.name, storage_path=str(spec.storage), stop=stopper,
+            sync_config=tune.SyncConfig(sync_period=RAY_SYNC_S),
             checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
             failure_config=tune.FailureConfig(max_failures=spec.search.max_failures),
             callbacks=[_view(spec, endings, stopper, show=not verbose),
-                       UploadsDriverFiles(ExperimentUploads(spec.experiment_dir, spec.remote))],
+                       UploadsDriverFiles(ExperimentUploads(spec.experiment_dir, spec.remote, DRIVER_UPLOAD_S))],
             verbose=1 if verbose else 0),
     )
     progress(f"tuneprod: watch it with `tuneprod dashboard {spec.experiment_dir}` or "
@@ -116,11 +121,19 @@ def run_search(spec: Spec, address: Optional[str] = None, progress: Callable[[st
 
 
 class UploadsDriverFiles(tune.Callback):
-    """With a bucket for storage, the driver's own files (the study, the endings) go up as trials end, at most
-    every 30 s, and when the search ends. (Ray sends its own: checkpoints from the workers, experiment state.)"""
+    """With a bucket for storage, the driver's own files (the study, the endings) go up as trials start, report
+    and end, at most every DRIVER_UPLOAD_S, and when the search ends: more often than Ray sends its experiment
+    state (RAY_SYNC_S), so that a search resumed after losing its driver finds its study about as far along.
+    (Ray sends the rest itself: checkpoints from the workers, the experiment state from here.)"""
 
     def __init__(self, uploads: ExperimentUploads):
         self.uploads = uploads
+
+    def on_trial_start(self, iteration, trials, trial, **info) -> None:
+        self.uploads()
+
+    def on_trial_result(self, iteration, trials, trial, result, **info) -> None:
+        self.uploads()
 
     def on_trial_complete(self, iteration, trials, trial, **info) -> None:
         self.uploads()
@@ -232,6 +245,7 @@ def resume_search(spec: Spec, address: Optional[str] = None, progress: Callable[
     spec = localised(spec, progress)
     images, data = _trial_data(spec, progress)
     start_ray(address, progress, verbose)
+    check_seen_by_every_node(spec, images)
     # The record the restored scheduler, budget, searcher and console all become (see TrialEndings.__reduce__).
     endings = TrialEndings.open(experiment_dir, spec.search.scheduler.max_epochs)
     with resumed_at(experiment_dir):
