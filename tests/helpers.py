@@ -1,6 +1,7 @@
 """Helpers shared by the tests: a tiny generated image folder and the real search-space files, shrunk."""
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 
@@ -52,6 +53,7 @@ class LocalS3:
         from moto.server import ThreadedMotoServer
 
         os.environ.update(self.ENV)
+        logging.getLogger("werkzeug").setLevel(logging.ERROR)  # a line per request otherwise
         self.server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
         self.server.start()
         self.endpoint = f"127.0.0.1:{self.server._server.server_port}"

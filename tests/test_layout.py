@@ -23,7 +23,7 @@ def imports_ray(names: list[str]) -> bool:
 def test_the_core_and_the_final_stage_do_not_import_ray():
     names = modules("train") + modules("final") + ["tuneprod.spec", "tuneprod.demo", "tuneprod.api", "tuneprod.report",
                                                     "tuneprod.dashboard", "tuneprod.tuning.results",
-                                                    "tuneprod.tuning.endings"]
+                                                    "tuneprod.tuning.endings", "tuneprod.storage"]
     assert len(names) >= 13
     assert not imports_ray(names)
 

@@ -141,7 +141,8 @@ def test_a_search_reads_its_images_from_a_bucket(s3, tmp_path):
 def test_a_search_stored_in_a_bucket_is_interrupted_then_resumed_and_reported_from_it(s3, tmp_path):
     """--storage s3://...: Ray's checkpoints and state and the driver's own files (the study as a snapshot) go to
     the bucket. Ctrl-C, the driver's machine forgotten (its local mirror deleted), `tuneprod resume s3://...`
-    completes the search from the bucket, and `tuneprod report s3://...` writes the report there again."""
+    completes the search from the bucket, `tuneprod report s3://...` writes the report there again, and `tuneprod
+    predict s3://.../final` predicts with the model in the bucket."""
     import shutil
     import signal
     import subprocess
@@ -197,6 +198,11 @@ def test_a_search_stored_in_a_bucket_is_interrupted_then_resumed_and_reported_fr
     assert len(table) == 3 and (table["epochs_run"] == 20).all()
     study = load_study(mirror)
     assert len(study.trials) == 3 and {t.state for t in study.trials} == {TrialState.COMPLETE}
+    predicted = subprocess.run([sys.executable, "-m", "tuneprod.cli", "predict", s3.uri("runs/shrunk_demo/final"),
+                                str(tmp_path / "demo" / "test"), "--out", str(tmp_path / "p.csv")],
+                               capture_output=True, text=True, timeout=300)
+    assert predicted.returncode == 0, predicted.stderr
+    assert len(pd.read_csv(tmp_path / "p.csv")) == 6
     for progress in [k for k in keys if k.endswith("/progress.csv")]:  # continued from its checkpoint
         body = s3.client.get_object(Bucket=s3.BUCKET, Key=progress)["Body"]
         epochs = pd.read_csv(body)["epoch"].tolist()
@@ -228,3 +234,26 @@ def test_the_drivers_files_go_up_changed_ones_only_the_study_as_a_snapshot_and_n
     uploads(force=True)
     assert "up/exp/report.html" in s3.keys("up/exp")
     live.close()
+
+
+def test_a_trial_resumes_from_its_newest_complete_checkpoint_in_a_bucket(s3, tmp_path):
+    """Ray's state (uploaded every few seconds) may name an older checkpoint than the trial's newest."""
+    import time
+
+    import pyarrow.fs
+    from ray import tune
+
+    from tuneprod.storage import filesystem
+    from tuneprod.tuning.trainable import STATE_FILE, newest_checkpoint
+
+    for number in (0, 5, 1):  # 5 was written before a resume from 0, whose next one Ray numbered 1
+        s3.client.put_object(Bucket=s3.BUCKET, Key=f"exp/trial_a/checkpoint_00000{number}/{STATE_FILE}", Body=b"x")
+        time.sleep(1.1)  # S3 keeps modification times to the second
+    s3.client.put_object(Bucket=s3.BUCKET, Key="exp/trial_a/checkpoint_000002/other", Body=b"x")  # cut short
+    fs, _ = filesystem(s3.uri("exp"))
+    named = tune.Checkpoint(f"{s3.BUCKET}/exp/trial_a/checkpoint_000000", filesystem=fs)
+    assert newest_checkpoint(named).path == f"{s3.BUCKET}/exp/trial_a/checkpoint_000001"
+    local = tune.Checkpoint(str(tmp_path / "checkpoint_000000"), filesystem=pyarrow.fs.LocalFileSystem())
+    (tmp_path / "checkpoint_000001").mkdir()
+    (tmp_path / "checkpoint_000001" / STATE_FILE).write_bytes(b"x")  # a copy that may have been cut short
+    assert newest_checkpoint(local) is local

@@ -10,9 +10,7 @@ fetched once per node first, into its own disk (tuneprod/storage.py), and keyed 
 """
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import fcntl
 import hashlib
 import json
 import os
@@ -20,13 +18,13 @@ import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator, Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import numpy as np
 
 from tuneprod.demo import generate_demo
 from tuneprod.spec import Spec, is_uri
-from tuneprod.storage import ObjectListing, fetch_location
+from tuneprod.storage import ObjectListing, fetch_location, node_lock
 from tuneprod.train.data import (DECODE_TIMEOUT_S, DataError, ImageSet, check_class_sizes, decode_resized, index_images,
                                  warn, warn_unreadable)
 from tuneprod.train.watchdog import DONE, TIMED_OUT, run_bounded, usable_cpus
@@ -124,7 +122,7 @@ class DecodedCache:
         except OSError as exc:
             raise DataError(f"data.cache_dir: cannot write the decoded-image cache in {root} ({exc.strerror}); "
                             f"point data.cache_dir (or $TUNEPROD_CACHE) at a writable folder on local disk") from None
-        with _node_lock(lock):
+        with node_lock(lock):
             if self.ready():  # another trial on this node built it while we waited
                 return
             for stale in root.glob(f".{self.folder.name}.partial-*"):  # an interrupted build; we hold the lock
@@ -203,16 +201,6 @@ def _check_free_space(root: Path, needed: int) -> None:
     if free < needed * 1.05:
         raise DataError(f"data.cache_dir: the cache needs {needed / 2**30:.1f} GiB but {root} has "
                         f"{free / 2**30:.1f} GiB free; point data.cache_dir (or $TUNEPROD_CACHE) at a larger disk")
-
-
-@contextlib.contextmanager
-def _node_lock(path: Path) -> Iterator[None]:
-    with open(path, "a") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 @dataclass(frozen=True, eq=False)

@@ -8,6 +8,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+import pyarrow.fs
 import ray
 import torch
 from ray import tune
@@ -33,6 +34,26 @@ class TrialData:
     workers: int
 
 
+def newest_checkpoint(checkpoint: tune.Checkpoint) -> tune.Checkpoint:
+    """The trial's most recently written complete checkpoint beside the one Ray names. Ray's saved state can name an
+    older one: a driver lost between two uploads of that state to a bucket (the trials keep a few checkpoints there
+    for this). Resuming from the newest, no epoch runs twice. By time written, not by name: after such a resume Ray
+    numbers the new checkpoints from the one it named, below folders written before. Only in an object store, where
+    an object appears whole or not at all: in a folder, a newer checkpoint than Ray's is a copy cut short."""
+    fs = checkpoint.filesystem
+    if isinstance(fs, pyarrow.fs.LocalFileSystem):
+        return checkpoint
+    parent = checkpoint.path.rstrip("/").rsplit("/", 1)[0]
+    # The state file is one object: a folder without it is a checkpoint cut short.
+    states = [info for info in fs.get_file_info(pyarrow.fs.FileSelector(parent, recursive=True, allow_not_found=True))
+              if info.type == pyarrow.fs.FileType.File and info.base_name == STATE_FILE
+              and info.path[len(parent) + 1:].startswith("checkpoint_")]
+    if not states:
+        return checkpoint
+    newest = max(states, key=lambda info: (info.mtime_ns or 0, info.path))
+    return tune.Checkpoint(newest.path.rsplit("/", 1)[0], filesystem=fs)
+
+
 def train_trial(config: dict, data: TrialData) -> None:
     # Ray logs a line per saved checkpoint, which is one per trial and epoch: drowns the search's progress.
     logging.getLogger("ray.train._internal.storage").setLevel(logging.WARNING)
@@ -46,7 +67,7 @@ def train_trial(config: dict, data: TrialData) -> None:
         run = TrainingRun(trial_config, data.train.classes, data.train, data.val, device)
         checkpoint = tune.get_checkpoint()
         if checkpoint:  # a restored experiment or a retried trial resumes where it stopped
-            with checkpoint.as_directory() as folder:
+            with newest_checkpoint(checkpoint).as_directory() as folder:
                 run.load_state_dict(torch.load(Path(folder) / STATE_FILE, weights_only=True))
         while run.epoch < trial_config.epochs:
             metrics = run.step()

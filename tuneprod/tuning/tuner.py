@@ -33,12 +33,17 @@ from tuneprod.tuning.packing import PROBE_RECORD, PackingTable, measure_gpu
 from tuneprod.tuning.scheduler import (PromotingASHA, RecordingASHA, RunningTrialsLimiter, auto_grace_period,
                                        milestones)
 from tuneprod.tuning.space import DefineByRun, sampler
-from tuneprod.tuning.restore import resumed_at
+from tuneprod.tuning.restore import reported_epochs, resumed_at
 from tuneprod.tuning.study import StudySearch, close_open_trials
 from tuneprod.tuning.trainable import TrialData, train_trial
 
 DRIVER_UPLOAD_S = 10  # with a bucket for storage: the driver's files go up at most this often
-RAY_SYNC_S = 30  # and Ray's experiment state (small) this often, rather than its default of 5 minutes
+# And Ray's experiment state (small) this often, rather than its default of 5 minutes. A driver lost between two
+# uploads leaves a state that names each trial's checkpoint as of the last upload: the trials keep that many more
+# checkpoints in the bucket (each trial deletes its older ones as it goes), so that the one named is still there
+# unless epochs are shorter than RAY_SYNC_S / (BUCKET_CHECKPOINTS - 1).
+RAY_SYNC_S = 5
+BUCKET_CHECKPOINTS = 3
 PROBE_TIMEOUT_S = 900  # a GPU busy with other work, or a cluster that never gets one: give up, use whole GPUs
 
 
@@ -109,7 +114,7 @@ def run_search(spec: Spec, address: Optional[str] = None, progress: Callable[[st
         run_config=tune.RunConfig(
             name=spec.name, storage_path=str(spec.storage), stop=stopper,
             sync_config=tune.SyncConfig(sync_period=RAY_SYNC_S),
-            checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
+            checkpoint_config=tune.CheckpointConfig(num_to_keep=BUCKET_CHECKPOINTS if spec.remote else 1),
             failure_config=tune.FailureConfig(max_failures=spec.search.max_failures),
             callbacks=[_view(spec, endings, stopper, show=not verbose),
                        UploadsDriverFiles(ExperimentUploads(spec.experiment_dir, spec.remote, DRIVER_UPLOAD_S))],
@@ -122,8 +127,8 @@ def run_search(spec: Spec, address: Optional[str] = None, progress: Callable[[st
 
 class UploadsDriverFiles(tune.Callback):
     """With a bucket for storage, the driver's own files (the study, the endings) go up as trials start, report
-    and end, at most every DRIVER_UPLOAD_S, and when the search ends: more often than Ray sends its experiment
-    state (RAY_SYNC_S), so that a search resumed after losing its driver finds its study about as far along.
+    and end, at most every DRIVER_UPLOAD_S, and when the search ends, so that a search resumed after losing its
+    driver finds its study about as far along as Ray's state (a trial the study lacks goes on outside it).
     (Ray sends the rest itself: checkpoints from the workers, the experiment state from here.)"""
 
     def __init__(self, uploads: ExperimentUploads):
@@ -248,6 +253,8 @@ def resume_search(spec: Spec, address: Optional[str] = None, progress: Callable[
     check_seen_by_every_node(spec, images)
     # The record the restored scheduler, budget, searcher and console all become (see TrialEndings.__reduce__).
     endings = TrialEndings.open(experiment_dir, spec.search.scheduler.max_epochs)
+    for trial_id, epoch, _ in reported_epochs(experiment_dir, spec.search.metric):  # as far as each trial got
+        endings.observe(trial_id, {"epoch": epoch})
     with resumed_at(experiment_dir):
         tuner = tune.Tuner.restore(ray_experiment, trainable=_trainable(spec, data, address, progress),
                                    resume_unfinished=True, resume_errored=False, restart_errored=False)
