@@ -288,3 +288,26 @@ def test_after_a_resume_a_trial_that_waited_still_waits_though_ray_brings_it_bac
     scheduler.rungs.arrive("y", 1, 0.2)
     new.status = "TERMINATED"
     assert scheduler.choose_trial_to_run(controller) is w  # promoted: the best third of its rung
+
+
+def test_after_a_resume_the_searcher_counts_only_the_trials_ray_restored(tmp_path):
+    """A driver lost between Ray's two uploads (searcher state, trials' state) leaves a searcher that counts a trial
+    the restored state lacks: the first step after the resume counts the trials Ray holds, once."""
+    from types import SimpleNamespace
+
+    from tuneprod.tuning.restore import resumed_at
+    from tuneprod.tuning.scheduler import ResumableFIFO
+
+    for scheduler in (ResumableFIFO(), PromotingASHA("val_acc", "max", max_epochs=4, grace_period=1,
+                                                     reduction_factor=2)):
+        assert not pickle.loads(pickle.dumps(scheduler))._recount  # a search that was not resumed
+        with resumed_at(tmp_path):
+            restored = pickle.loads(pickle.dumps(scheduler))
+        held = [SimpleNamespace(status="TERMINATED", trial_id=str(n)) for n in range(9)]
+        generator = SimpleNamespace(_counter=10, is_finished=lambda: False)
+        controller = SimpleNamespace(search_alg=generator, get_trials=lambda: held, stop_trial=lambda trial: None)
+        restored.recount(controller)
+        assert generator._counter == 9
+        generator._counter = 12  # later suggestions are the searcher's own again
+        restored.recount(controller)
+        assert generator._counter == 12

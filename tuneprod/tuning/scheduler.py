@@ -122,7 +122,39 @@ class Rungs:
         return trial
 
 
-class PromotingASHA(FIFOScheduler):
+class RecountsAfterResume:
+    """Mixed into the search's schedulers, for a search resumed after losing its driver. Ray restores its searcher's
+    state and its trials' state from two files that it uploads separately (to a bucket, every few seconds): a
+    driver lost between the two uploads leaves a searcher whose count includes trials the restored state lacks, and
+    the search would end that many trials short of num_samples. On its first step after a resume, the searcher
+    counts the trials Ray holds. (Ray's SearchGenerator keeps that count in `_counter` and offers no other way to
+    set it; the schedulers are the only part of a search that sees both it and the trials.)"""
+
+    def __init__(self, *args, **options):
+        super().__init__(*args, **options)
+        self._recount = False  # also keeps the instance's state non-empty, so that unpickling calls __setstate__
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._recount = resuming() is not None
+
+    def recount(self, tune_controller) -> None:
+        if self._recount:
+            self._recount = False
+            generator, held = tune_controller.search_alg, len(tune_controller.get_trials())
+            if getattr(generator, "_counter", 0) > held:
+                generator._counter = held
+
+    def choose_trial_to_run(self, tune_controller) -> Optional[Trial]:
+        self.recount(tune_controller)
+        return super().choose_trial_to_run(tune_controller)
+
+
+class ResumableFIFO(RecountsAfterResume, FIFOScheduler):
+    """`fifo`: every trial to max_epochs."""
+
+
+class PromotingASHA(RecountsAfterResume, FIFOScheduler):
     """Ray's side of `Rungs`: PAUSE at a rung, promoted trials chosen to run before new ones, the end of the search
     closing the rungs. Rungs count epochs (`epoch` in each report); `metric` and `mode` rank trials at the rungs."""
 
@@ -141,7 +173,7 @@ class PromotingASHA(FIFOScheduler):
         """Ray saves no scheduler state (ray-project/ray #30838): Tuner.restore brings this back as the search began.
         A resumed search replays the results its trials reported, so that its rungs decide as an uninterrupted
         run's would. (The rungs are shared with RunningTrialsLimiter, so they are refilled, not replaced.)"""
-        self.__dict__.update(state)
+        super().__setstate__(state)
         folder = resuming()
         if folder is not None:
             self.replay((trial, epoch, self._sign * value)
@@ -182,6 +214,7 @@ class PromotingASHA(FIFOScheduler):
         self.rungs.leave(trial.trial_id)
 
     def choose_trial_to_run(self, tune_controller) -> Optional[Trial]:
+        self.recount(tune_controller)
         trials = tune_controller.get_trials()
         paused = {t.trial_id: t for t in trials if t.status == Trial.PAUSED}
         for loser, rung in self.rungs.losers(set(paused)):  # their rung filled up with better trials
@@ -214,7 +247,7 @@ class PromotingASHA(FIFOScheduler):
         return f"promoting ASHA: rungs at epochs {', '.join(map(str, self.rungs.milestones))}"
 
 
-class RecordingASHA(ASHAScheduler):
+class RecordingASHA(RecountsAfterResume, ASHAScheduler):
     """Ray's ASHA (`asha_stopping`), writing each stop it decides into the search's record."""
 
     def __init__(self, endings: TrialEndings, **options):

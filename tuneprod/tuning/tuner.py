@@ -14,7 +14,6 @@ from typing import Callable, Optional
 
 import ray
 from ray import tune
-from ray.tune.schedulers import FIFOScheduler
 
 from tuneprod.final.ensemble import view_count
 from tuneprod.storage import ExperimentUploads, RemoteFolder
@@ -30,8 +29,8 @@ from tuneprod.tuning.console import SearchView
 from tuneprod.tuning.endings import CUT, FAILED, FINISHED, STOPPED, TrialEndings
 from tuneprod.tuning.nodes import check_seen_by_every_node
 from tuneprod.tuning.packing import PROBE_RECORD, PackingTable, measure_gpu
-from tuneprod.tuning.scheduler import (PromotingASHA, RecordingASHA, RunningTrialsLimiter, auto_grace_period,
-                                       milestones)
+from tuneprod.tuning.scheduler import (PromotingASHA, RecordingASHA, ResumableFIFO, RunningTrialsLimiter,
+                                       auto_grace_period, milestones)
 from tuneprod.tuning.space import DefineByRun, sampler
 from tuneprod.tuning.restore import reported_epochs, resumed_at
 from tuneprod.tuning.study import StudySearch, close_open_trials
@@ -453,7 +452,7 @@ def _searcher(spec: Spec, grace: int, endings: TrialEndings) -> StudySearch:
 def _scheduler(spec: Spec, grace: int, endings: TrialEndings, progress: Callable[[str], None]):
     options = spec.search.scheduler
     if options.type == "fifo":
-        return FIFOScheduler()
+        return ResumableFIFO()
     metric, mode = _rung_ranking(spec)
     if options.type == "asha_stopping":
         # time_attr counts reports, and a trial reports once per epoch: ASHA's rungs are in epochs.
