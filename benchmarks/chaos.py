@@ -182,6 +182,9 @@ def report(where, kills: list[str], restarts: int, code: int, seconds: float) ->
     print(f"trials in the table: {len(table)} of {TRIALS}; endings: {endings}")
     print(f"epochs run twice: {sum(rerun.values())} in {sum(n > 0 for n in rerun.values())} trial(s); "
           f"finished trials with more than one epoch run again: {finished_rerun}")
+    for trial, progress in where.progress().items():  # where a trial went back, and how far
+        if rerun.get(trial):
+            print(f"  trial {trial} reported epochs {progress['epoch'].dropna().astype(int).tolist()}")
     print(f"final model: {(experiment / 'final' / 'ensemble.json').is_file()}; predictions: "
           f"{len(pd.read_csv(experiment / 'predictions.csv')) if (experiment / 'predictions.csv').is_file() else 0}")
 
