@@ -234,33 +234,3 @@ def test_the_drivers_files_go_up_changed_ones_only_the_study_as_a_snapshot_and_n
     uploads(force=True)
     assert "up/exp/report.html" in s3.keys("up/exp")
     live.close()
-
-
-def test_a_trial_resumes_from_its_furthest_complete_checkpoint_in_a_bucket(s3, tmp_path):
-    """Ray's state (uploaded every few seconds) may name an older checkpoint than the trial's furthest; after one
-    such resume, Ray numbers new checkpoints below the folders written before."""
-    import json
-
-    import pyarrow.fs
-    from ray import tune
-
-    from tuneprod.storage import filesystem
-    from tuneprod.tuning.trainable import EPOCH_FILE, STATE_FILE, newest_checkpoint
-
-    def put(number: int, epoch: int, state: bool = True) -> None:
-        folder = f"exp/trial_a/checkpoint_00000{number}"
-        s3.client.put_object(Bucket=s3.BUCKET, Key=f"{folder}/{EPOCH_FILE}", Body=json.dumps({"epoch": epoch}))
-        if state:
-            s3.client.put_object(Bucket=s3.BUCKET, Key=f"{folder}/{STATE_FILE}", Body=b"x")
-
-    put(0, 1)
-    put(5, 6)  # written before a resume from checkpoint 0...
-    put(1, 7)  # ...whose next checkpoint Ray numbered 1
-    put(2, 8, state=False)  # cut short
-    fs, _ = filesystem(s3.uri("exp"))
-    named = tune.Checkpoint(f"{s3.BUCKET}/exp/trial_a/checkpoint_000000", filesystem=fs)
-    assert newest_checkpoint(named).path == f"{s3.BUCKET}/exp/trial_a/checkpoint_000001"
-    local = tune.Checkpoint(str(tmp_path / "checkpoint_000000"), filesystem=pyarrow.fs.LocalFileSystem())
-    (tmp_path / "checkpoint_000001").mkdir()
-    (tmp_path / "checkpoint_000001" / STATE_FILE).write_bytes(b"x")  # a copy that may have been cut short
-    assert newest_checkpoint(local) is local

@@ -2,14 +2,12 @@
 from __future__ import annotations
 
 import gc
-import json
 import logging
 import math
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-import pyarrow.fs
 import ray
 import torch
 from ray import tune
@@ -21,7 +19,6 @@ from tuneprod.tuning.endings import FAILED_IN_EPOCH, FAILED_RESULT
 from tuneprod.tuning.results import describe
 
 STATE_FILE = "state.pt"
-EPOCH_FILE = "epoch.json"  # beside the state: the epochs it holds, read without loading the state
 
 
 @dataclass(frozen=True)
@@ -34,32 +31,6 @@ class TrialData:
     max_epochs: int
     seed: int
     workers: int
-
-
-def newest_checkpoint(checkpoint: tune.Checkpoint) -> tune.Checkpoint:
-    """The trial's furthest complete checkpoint beside the one Ray names. Ray's saved state can name an older one: a
-    driver lost between two uploads of that state to a bucket (the trials keep a few checkpoints there for this).
-    Resuming from the furthest, no epoch runs twice. By the epoch each holds, not by name or time: after such a
-    resume Ray numbers the new checkpoints from the one it named, below folders written before, and an object
-    store's times are whole seconds. Only in an object store, where an object appears whole or not at all: in a
-    folder, a newer checkpoint than Ray's is a copy cut short."""
-    fs = checkpoint.filesystem
-    if isinstance(fs, pyarrow.fs.LocalFileSystem):
-        return checkpoint
-    parent = checkpoint.path.rstrip("/").rsplit("/", 1)[0]
-    folders = {info.path.rsplit("/", 1)[0] for info in
-               fs.get_file_info(pyarrow.fs.FileSelector(parent, recursive=True, allow_not_found=True))
-               if info.base_name == STATE_FILE and info.path[len(parent) + 1:].startswith("checkpoint_")}
-    epochs = {}
-    for folder in folders:  # a folder without both files is a checkpoint cut short
-        try:
-            with fs.open_input_stream(f"{folder}/{EPOCH_FILE}") as stream:
-                epochs[folder] = json.loads(stream.readall())["epoch"]
-        except (OSError, ValueError, KeyError):
-            continue
-    if not epochs:
-        return checkpoint
-    return tune.Checkpoint(max(epochs, key=lambda folder: (epochs[folder], folder)), filesystem=fs)
 
 
 def train_trial(config: dict, data: TrialData) -> None:
@@ -75,13 +46,12 @@ def train_trial(config: dict, data: TrialData) -> None:
         run = TrainingRun(trial_config, data.train.classes, data.train, data.val, device)
         checkpoint = tune.get_checkpoint()
         if checkpoint:  # a restored experiment or a retried trial resumes where it stopped
-            with newest_checkpoint(checkpoint).as_directory() as folder:
+            with checkpoint.as_directory() as folder:
                 run.load_state_dict(torch.load(Path(folder) / STATE_FILE, weights_only=True))
         while run.epoch < trial_config.epochs:
             metrics = run.step()
             with tempfile.TemporaryDirectory() as folder:
                 torch.save(run.state_dict(), Path(folder) / STATE_FILE)
-                (Path(folder) / EPOCH_FILE).write_text(json.dumps({"epoch": run.epoch}))
                 tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(folder))
     except Exception as exc:  # the trial's own failure: its last result, so that Ray does not retry it
         # No `epoch`: no rung may count it. Both metrics, NaN: Ray insists on the search metric in every result.

@@ -38,9 +38,9 @@ from tuneprod.tuning.trainable import TrialData, train_trial
 
 DRIVER_UPLOAD_S = 10  # with a bucket for storage: the driver's files go up at most this often
 # And Ray's experiment state (small) this often, rather than its default of 5 minutes. A driver lost between two
-# uploads leaves a state that names each trial's checkpoint as of the last upload: the trials keep that many more
-# checkpoints in the bucket (each trial deletes its older ones as it goes), so that the one named is still there
-# unless epochs are shorter than RAY_SYNC_S / (BUCKET_CHECKPOINTS - 1).
+# uploads leaves a state that names each trial's checkpoint as of the last upload (the trial then runs the epochs
+# after it again): the trials keep that many checkpoints in the bucket (each deletes its older ones as it goes), so
+# that the one named is still there unless epochs are shorter than RAY_SYNC_S / (BUCKET_CHECKPOINTS - 1).
 RAY_SYNC_S = 5
 BUCKET_CHECKPOINTS = 3
 PROBE_TIMEOUT_S = 900  # a GPU busy with other work, or a cluster that never gets one: give up, use whole GPUs
