@@ -91,7 +91,8 @@ def test_a_remote_folder_round_trips_files(s3, tmp_path):
     (tmp_path / "up" / "final").mkdir(parents=True)
     (tmp_path / "up" / "final" / "m.json").write_text("{}")
     (tmp_path / "up" / "trials.csv").write_text("a,b\n")
-    folder.upload_tree(tmp_path / "up")
+    for relative in ("final/m.json", "trials.csv"):
+        folder.upload(tmp_path / "up" / relative, relative)
     assert s3.keys("runs/exp") == ["runs/exp/final/m.json", "runs/exp/trials.csv"]
     assert folder.download("final", tmp_path / "down" / "final") and folder.download("trials.csv",
                                                                                        tmp_path / "down" / "t.csv")

@@ -212,11 +212,6 @@ class RemoteFolder:
         except OSError as exc:
             raise explain(self.uri, exc) from None
 
-    def upload_tree(self, local: Path, relative: str = "") -> None:
-        for path in sorted(Path(local).rglob("*")):
-            if path.is_file():
-                self.upload(path, "/".join(filter(None, [relative, path.relative_to(local).as_posix()])))
-
     def download(self, relative: str, local: Path) -> bool:
         """The object (or every object under the prefix) `relative` into `local`; False when there is none."""
         try:
