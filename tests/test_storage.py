@@ -235,3 +235,42 @@ def test_the_drivers_files_go_up_changed_ones_only_the_study_as_a_snapshot_and_n
     uploads(force=True)
     assert "up/exp/report.html" in s3.keys("up/exp")
     live.close()
+
+
+def test_a_trial_in_a_bucket_goes_on_from_its_furthest_state_whose_epochs_the_driver_recorded(s3):
+    """Ray's state (uploaded every few seconds) may name an older checkpoint than the trial saved, or none; after a
+    resume, Ray numbers new checkpoints again from the one it named, over folders written before."""
+    import time
+
+    from tuneprod.storage import filesystem
+    from tuneprod.tuning.trainable import bucket_resume_state, state_file
+
+    trial = "resume/trial_a"
+
+    def put(number: int, epoch: int) -> str:
+        key = f"{trial}/checkpoint_00000{number}/{state_file(epoch)}"
+        s3.client.put_object(Bucket=s3.BUCKET, Key=key, Body=b"x")
+        return f"{s3.BUCKET}/{key}"
+
+    def recorded(*epochs: int) -> None:
+        body = "trial_id,epoch\n" + "".join(f"a,{epoch}\n" for epoch in epochs)
+        s3.client.put_object(Bucket=s3.BUCKET, Key=f"{trial}/progress.csv", Body=body)
+
+    fs, _ = filesystem(s3.uri("resume"))
+    path = f"{s3.BUCKET}/{trial}"
+    assert bucket_resume_state(fs, path, None) is None  # nothing saved: from scratch
+    put(0, 1)
+    second = put(1, 2)
+    put(2, 3)  # the driver was lost before it recorded epoch 3
+    assert bucket_resume_state(fs, path, None) is None  # Ray's state names none, and nothing is recorded
+    recorded(1, 2)
+    assert bucket_resume_state(fs, path, None) == second  # not 3: its result must be recorded, for the rungs
+    assert bucket_resume_state(fs, path, f"{s3.BUCKET}/{trial}/checkpoint_000002") == f"{s3.BUCKET}/{trial}/" \
+        "checkpoint_000002/" + state_file(3)  # Ray recorded it, though the progress in the bucket lags
+    time.sleep(1.1)  # an object store keeps times to the second
+    again = put(0, 3)  # the epoch run again after the resume, Ray numbering from the start again: the newer one
+    put(3, 5)
+    recorded(1, 2, 3, 4)
+    assert bucket_resume_state(fs, path, None) == again
+    recorded(1, 2, 3, 4, 5)
+    assert bucket_resume_state(fs, path, None) == f"{s3.BUCKET}/{trial}/checkpoint_000003/{state_file(5)}"

@@ -55,7 +55,7 @@ def test_scheduler_options_reach_both_ashas_and_fifo_has_no_early_stopping():
                           3, TrialEndings(None, 27), print)
     assert isinstance(stopping, ASHAScheduler)
     assert (stopping._max_t, stopping._time_attr, stopping._metric, stopping._mode) == \
-        (27, "training_iteration", "val_loss", "min")
+        (27, "epoch", "val_loss", "min")
     assert [milestone for milestone, _ in stopping._brackets[0]._rungs] == [27, 9, 3]  # epochs where trials are cut
     assert isinstance(_scheduler(spec_of(search={"scheduler": {"type": "fifo"}}), 1, TrialEndings(None, 9), print), FIFOScheduler)
 

@@ -2,12 +2,17 @@
 from __future__ import annotations
 
 import gc
+import io
 import logging
 import math
+import re
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Optional
 
+import pandas as pd
+import pyarrow.fs
 import ray
 import torch
 from ray import tune
@@ -18,7 +23,11 @@ from tuneprod.train.loop import TrainingRun
 from tuneprod.tuning.endings import FAILED_IN_EPOCH, FAILED_RESULT
 from tuneprod.tuning.results import describe
 
-STATE_FILE = "state.pt"
+STATE_FILE = re.compile(r"state_epoch(\d+)\.pt")  # a checkpoint's one file, named by the epochs it holds
+
+
+def state_file(epoch: int) -> str:
+    return f"state_epoch{epoch:04d}.pt"
 
 
 @dataclass(frozen=True)
@@ -44,14 +53,13 @@ def train_trial(config: dict, data: TrialData) -> None:
     run = None
     try:
         run = TrainingRun(trial_config, data.train.classes, data.train, data.val, device)
-        checkpoint = tune.get_checkpoint()
-        if checkpoint:  # a restored experiment or a retried trial resumes where it stopped
-            with checkpoint.as_directory() as folder:
-                run.load_state_dict(torch.load(Path(folder) / STATE_FILE, weights_only=True))
+        state = resume_state()
+        if state:  # a restored experiment or a retried trial resumes where it stopped
+            run.load_state_dict(torch.load(state, weights_only=True))
         while run.epoch < trial_config.epochs:
             metrics = run.step()
             with tempfile.TemporaryDirectory() as folder:
-                torch.save(run.state_dict(), Path(folder) / STATE_FILE)
+                torch.save(run.state_dict(), Path(folder) / state_file(run.epoch))
                 tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(folder))
     except Exception as exc:  # the trial's own failure: its last result, so that Ray does not retry it
         # No `epoch`: no rung may count it. Both metrics, NaN: Ray insists on the search metric in every result.
@@ -64,3 +72,55 @@ def train_trial(config: dict, data: TrialData) -> None:
         if device.type == "cuda":
             gc.collect()
             torch.cuda.empty_cache()
+
+
+def resume_state() -> Optional[io.BytesIO]:
+    """The saved state this trial goes on from, or None to start afresh."""
+    named = tune.get_checkpoint()
+    storage = tune.get_context().get_storage()
+    fs = storage.storage_filesystem
+    if isinstance(fs, pyarrow.fs.LocalFileSystem):
+        # The checkpoint Ray names is whole; a newer folder beside it may be a copy cut short.
+        path = furthest_state(fs, named.path, math.inf, checkpoint_folders=False) if named else None
+    else:
+        path = bucket_resume_state(fs, storage.trial_fs_path, named.path if named else None)
+    if path is None:
+        return None
+    with fs.open_input_stream(path) as stream:
+        return io.BytesIO(stream.readall())
+
+
+def bucket_resume_state(fs: pyarrow.fs.FileSystem, trial: str, named: Optional[str]) -> Optional[str]:
+    """In a bucket, Ray's state may name an older checkpoint than the trial saved, or none: the driver uploads that
+    state every few seconds and may be lost between two uploads. The trial goes on from its furthest state whose
+    epochs the driver recorded (its progress.csv in the bucket, or the checkpoint Ray names), so that no recorded
+    epoch runs twice and none the rungs need goes unrecorded. An object appears whole or not at all, so every state
+    listed is complete."""
+    recorded = max(_recorded_epochs(fs, f"{trial}/progress.csv"),
+                   _state_epoch(furthest_state(fs, named, math.inf, checkpoint_folders=False)) if named else 0)
+    return furthest_state(fs, trial, recorded, checkpoint_folders=True)
+
+
+def furthest_state(fs: pyarrow.fs.FileSystem, folder: str, up_to: float, checkpoint_folders: bool) -> Optional[str]:
+    """The state holding the most epochs, at most `up_to`, in `folder` (or in its checkpoint_* folders); of two
+    with as many, the newer: after a resume Ray numbers checkpoints again from the one it named, over older ones."""
+    folder = folder.rstrip("/")
+    found = fs.get_file_info(pyarrow.fs.FileSelector(folder, recursive=checkpoint_folders, allow_not_found=True))
+    states = [(_state_epoch(info.path), info.mtime_ns or 0, info.path) for info in found
+              if STATE_FILE.fullmatch(info.base_name)
+              and (not checkpoint_folders or info.path[len(folder) + 1:].startswith("checkpoint_"))]
+    usable = [state for state in states if state[0] <= up_to]
+    return max(usable)[2] if usable else None
+
+
+def _state_epoch(path: Optional[str]) -> int:
+    return int(STATE_FILE.fullmatch(path.rsplit("/", 1)[-1]).group(1)) if path else 0
+
+
+def _recorded_epochs(fs: pyarrow.fs.FileSystem, progress: str) -> int:
+    try:
+        with fs.open_input_stream(progress) as stream:
+            table = pd.read_csv(stream)
+    except (FileNotFoundError, pd.errors.EmptyDataError):
+        return 0
+    return int(table["epoch"].max()) if "epoch" in table and table["epoch"].notna().any() else 0

@@ -38,9 +38,10 @@ from tuneprod.tuning.trainable import TrialData, train_trial
 
 DRIVER_UPLOAD_S = 10  # with a bucket for storage: the driver's files go up at most this often
 # And Ray's experiment state (small) this often, rather than its default of 5 minutes. A driver lost between two
-# uploads leaves a state that names each trial's checkpoint as of the last upload (the trial then runs the epochs
-# after it again): the trials keep that many checkpoints in the bucket (each deletes its older ones as it goes), so
-# that the one named is still there unless epochs are shorter than RAY_SYNC_S / (BUCKET_CHECKPOINTS - 1).
+# uploads leaves a state that names each trial's checkpoint as of the last upload, while the trials saved more
+# (they go on from the furthest the driver recorded, trainable.bucket_resume_state): the trials keep that many
+# checkpoints in the bucket (each deletes its older ones as it goes), so that one is still there unless epochs are
+# shorter than RAY_SYNC_S / (BUCKET_CHECKPOINTS - 1).
 RAY_SYNC_S = 5
 BUCKET_CHECKPOINTS = 3
 PROBE_TIMEOUT_S = 900  # a GPU busy with other work, or a cluster that never gets one: give up, use whole GPUs
@@ -455,8 +456,8 @@ def _scheduler(spec: Spec, grace: int, endings: TrialEndings, progress: Callable
         return ResumableFIFO()
     metric, mode = _rung_ranking(spec)
     if options.type == "asha_stopping":
-        # time_attr counts reports, and a trial reports once per epoch: ASHA's rungs are in epochs.
-        return RecordingASHA(endings, time_attr="training_iteration", metric=metric, mode=mode,
+        # By the epoch each result names: a trial resumed from a later checkpoint than Ray recorded counts on from it.
+        return RecordingASHA(endings, time_attr="epoch", metric=metric, mode=mode,
                              max_t=options.max_epochs, grace_period=grace, reduction_factor=options.reduction_factor)
     stop_losers = options.type == "asha"
     scheduler = PromotingASHA(metric, mode, options.max_epochs, grace, options.reduction_factor,
