@@ -33,6 +33,14 @@ scored alone with the mirror as its test-time view, against that configuration a
 data, same epochs. The choices take the literature's usual values, not values tuned here.
 --rows space: the same search with every one of those choices searchable too (cpu.yaml's space extended), against
 cpu.yaml as shipped, at the same budget.
+--rows select: one search per set (its trials cut in time for cpu.yaml's final stage), then four final stages on it:
+final.select top or greedy (ensemble selection over the trials' validation predictions), final.members 2 or auto
+(as many as train at once, shared out by the selection's votes); each row's wall time is the search's plus its own
+final stage and predictions. And (d) the hand recipe: the contest winners' recipe (RECIPE: AdamW, warm-up then
+cosine to 1e-3, shift-scale-rotate, mixup/cutmix, label smoothing 0.1, dropout 0.2, 15 epochs) on all labelled
+images, as many seeds one after another as fit in the wall time of `greedy, auto`, soft-voted with cpu.yaml's
+test-time views. Ends with `greedy/top: +X.X pts  worst set: +Y.Y pts  final/recipe: +Z.Z pts` (greedy, auto
+against top, 2 members: the mean and the least gain over the sets; against (d): the mean).
 """
 from __future__ import annotations
 
@@ -80,6 +88,18 @@ CHOICES = {
     "layer_decay: 0.9": {"layer_decay": 0.9},
     "ema_decay: 0.999": {"ema_decay": 0.999},
 }
+# (d): the Lotte contest winners' recipe by hand: AdamW, a one-cycle-like schedule (linear warm-up over 4 of 15 epochs
+# to 1e-3, then cosine), shift-scale-rotate and the mirror ("light"), mixup/cutmix, label smoothing 0.1, dropout 0.2.
+RECIPE = Hyperparams(backbone=BACKBONE, pretrained=True, optimizer="adamw", lr=1e-3, weight_decay=1e-2, batch_size=32,
+                     dropout=0.2, augment="light", label_smoothing=0.1, mixup_alpha=0.2, cutmix_alpha=1.0,
+                     mix_prob=0.5, lr_schedule="cosine", warmup_epochs=4)
+RECIPE_EPOCHS = 15
+PREDICT_MARGIN_S = 15  # of (d)'s budget, kept for its predictions
+# --rows select: final stages on one search (trials cut in time for a final stage of two members side by side).
+TODAY = "top, 2 members"
+NEW_DEFAULT = "greedy, auto"
+SELECT_VARIANTS = {TODAY: {"select": "top", "members": 2}, "greedy, 2 members": {"select": "greedy", "members": 2},
+                   "top, auto": {"select": "top", "members": "auto"}, NEW_DEFAULT: {"select": "greedy", "members": "auto"}}
 AS_SEARCHED = "as searched"
 # --rows space: cpu.yaml's space with every choice searchable, against cpu.yaml as shipped, at the same budget.
 SEARCHED_CHOICES = {
@@ -183,12 +203,8 @@ def seed_recipe(folder: Path, work: Path, budget: float) -> dict:
             "note": f"{run.epoch} of {epochs} epochs"}
 
 
-def tuneprod_search(name: str, folder: Path, work: Path, budget: float, variants: bool = True,
-                    extra_space: dict | None = None) -> dict:
-    """(b) and (c): one search on search_spaces/cpu.yaml with `budget` seconds for trials, final stage and predictions.
-    `extra_space`: entries added to (or replacing) cpu.yaml's space."""
-    import tuneprod
-
+def write_space(name: str, folder: Path, work: Path, budget: float, extra_space: dict | None = None) -> Path:
+    """cpu.yaml pointed at the set, with the budget; `extra_space`: entries added to (or replacing) its space."""
     raw = yaml.safe_load((ROOT / "search_spaces" / "cpu.yaml").read_text())
     raw["space"].update(extra_space or {})
     raw["data"] = {"train": str(folder / ("train.csv" if name == "demo" else "train")), "test": str(folder / "test"),
@@ -197,10 +213,43 @@ def tuneprod_search(name: str, folder: Path, work: Path, budget: float, variants
         raw["data"]["val_groups"] = "elevation"
     raw["search"]["time_budget_s"] = budget
     raw["search"]["num_samples"] = 200
+    raw["storage"] = str((work / "runs").absolute())
     space = work / f"{name}{'_choices' if extra_space else ''}.yaml"
     space.write_text(yaml.safe_dump(raw, sort_keys=False))
+    return space
+
+
+def select_rows(name: str, folder: Path, work: Path, budget: float) -> dict:
+    """--rows select: one search whose trials end in time for a final stage of two members side by side (as
+    cpu.yaml plans it), then each final stage of SELECT_VARIANTS on it, then (d) for the new default's whole wall
+    time. Each row's wall time: the search's plus its own final stage and predictions."""
+    from tuneprod.spec import load_spec
+    from tuneprod.tuning.tuner import run_search
+
     started = time.perf_counter()
-    outcome = tuneprod.search(space, storage=work / "runs", progress=lambda line: print(line, flush=True))
+    outcome = run_search(load_spec(write_space(name, folder, work, budget)), progress=lambda line: print(line, flush=True),
+                         final=True)
+    search_s = time.perf_counter() - started
+    rows = {}
+    for label, final in SELECT_VARIANTS.items():
+        variant = final_variant(outcome.experiment_dir, folder, work, final)
+        rows[label] = {**variant, "wall_s": search_s + variant["final_s"]}
+        print(f"accuracy: {name}: {label}: {rows[label]}", flush=True)
+    views = tuple(yaml.safe_load((ROOT / "search_spaces" / "cpu.yaml").read_text())["final"]["tta"])
+    rows["(d) recipe"] = hand_recipe(folder, work, rows[NEW_DEFAULT]["wall_s"], views)
+    print(f"accuracy: {name}: (d) recipe: {rows['(d) recipe']}", flush=True)
+    return rows
+
+
+def tuneprod_search(name: str, folder: Path, work: Path, budget: float, variants: bool = True,
+                    extra_space: dict | None = None) -> dict:
+    """(b) and (c): one search on search_spaces/cpu.yaml with `budget` seconds for trials, final stage and predictions.
+    `extra_space`: entries added to (or replacing) cpu.yaml's space."""
+    import tuneprod
+
+    space = write_space(name, folder, work, budget, extra_space)
+    started = time.perf_counter()
+    outcome = tuneprod.search(space, progress=lambda line: print(line, flush=True))
     wall = time.perf_counter() - started
     table = pd.read_parquet(outcome.experiment_dir / "trials.parquet")
     final = outcome.experiment_dir / "final"
@@ -247,23 +296,64 @@ def choice_rows(experiment: Path, folder: Path, work: Path) -> dict:
 def seeds_variant(experiment: Path, folder: Path, work: Path) -> dict:
     """Another final stage on the same search, for the same wall time: the best configuration with two seeds
     instead of the two best configurations; scored as a soft vote and as a soup."""
+    variant = final_variant(experiment, folder, work, {"select": "top", "members": 1, "seeds": 2, "soup": False})
+    ensemble = json.loads((variant["final"] / "ensemble.json").read_text())
+    return {"vote": variant["test_acc"], "soup": soup_accuracy(variant["final"], folder, work, ensemble),
+            "final_stage_s": variant["final_s"]}
+
+
+def final_variant(experiment: Path, folder: Path, work: Path, final: dict) -> dict:
+    """A final stage on a copy of a finished search (its table, its spec with `final` changed, and the trials' kept
+    validation predictions), then its predictions: test accuracy and the seconds it took."""
+    from tuneprod.final.selection import KEPT_PREDICTIONS
     from tuneprod.tuning.final_tasks import retrain_and_predict
 
-    copy = work / "seeds_variant"
+    copy = work / "variant"
     shutil.rmtree(copy, ignore_errors=True)
     copy.mkdir()
     for name in ("trials.parquet", "search_space.yaml"):
         shutil.copy(experiment / name, copy / name)
+    for kept in experiment.glob(f"trial_*/{KEPT_PREDICTIONS}"):
+        (copy / kept.parent.name).mkdir()
+        shutil.copy(kept, copy / kept.parent.name / kept.name)
     spec = yaml.safe_load((copy / "search_space.yaml").read_text())
-    spec["final"].update(members=1, seeds=2, soup=False)
+    spec["final"].update(final)
     (copy / "search_space.yaml").write_text(yaml.safe_dump(spec, sort_keys=False))
     started = time.perf_counter()
-    retrain_and_predict(copy, progress=lambda _: None)
+    retrain_and_predict(copy, progress=lambda line: print(line, flush=True) if line.startswith("final: ") else None)
     final_s = time.perf_counter() - started
     ensemble = json.loads((copy / "final" / "ensemble.json").read_text())
-    vote = predict(copy / "final", folder / "test", work / "p.csv", progress=lambda _: None)
-    return {"vote": vote.accuracy, "soup": soup_accuracy(copy / "final", folder, work, ensemble),
-            "final_stage_s": final_s}
+    return {"test_acc": scored(copy / "predictions.csv", folder), "final_s": final_s, "final": copy / "final",
+            "members": len(ensemble["members"]),
+            "configurations": len({json.loads((copy / "final" / m / "model.json").read_text())["source_trial"]
+                                   for m in ensemble["members"]})}
+
+
+def scored(predictions: Path, folder: Path) -> float:
+    """The accuracy of a predictions CSV against the set's test labels."""
+    truth = pd.read_csv(folder / "test" / "test_labels.csv", dtype=str)
+    predicted = pd.read_csv(predictions, dtype=str).merge(truth, on="file", suffixes=("", "_true"))
+    return float((predicted["label"] == predicted["label_true"]).sum() / len(truth))
+
+
+def hand_recipe(folder: Path, work: Path, budget: float, views: tuple[str, ...]) -> dict:
+    """(d): the contest winners' recipe by hand (RECIPE), on all labelled images, one seed after another while
+    another fits in `budget` seconds, soft-voted with the test-time views `views`."""
+    started = time.perf_counter()
+    images = decoded(index_images(folder / "train"), SIZE, progress=lambda _: None)
+    target = work / "recipe"
+    shutil.rmtree(target, ignore_errors=True)
+    names, member_s = [], 0.0
+    while not names or time.perf_counter() - started + member_s < budget - PREDICT_MARGIN_S:
+        seed_started = time.perf_counter()
+        plan = MemberPlan(f"member_{len(names) + 1}", TrialConfig(RECIPE, SIZE, RECIPE_EPOCHS, seed=len(names),
+                                                                  init_seed=0), "recipe", 0.0, "val_acc")
+        train_member(plan, images, target / plan.name, progress=lambda _: None)
+        names.append(plan.name)
+        member_s = max(member_s, time.perf_counter() - seed_started)
+    artifact.write_ensemble(target, images.classes, SIZE, names, names, {}, views, {})
+    report = predict(target, folder / "test", work / "recipe.csv", progress=lambda _: None)
+    return {"test_acc": report.accuracy, "wall_s": time.perf_counter() - started, "seeds": len(names)}
 
 
 def soup_accuracy(final: Path, folder: Path, work: Path, ensemble: dict) -> float | None:
@@ -295,7 +385,8 @@ def main() -> None:
     parser.add_argument("--work", type=Path, default=Path("accuracy_bench"))
     parser.add_argument("--rows", default="methods,choices",
                         help="methods: (a)/(b)/(c) and their variants; choices: the fine-tuning choices on the best "
-                             "configuration; space: cpu.yaml with every choice searchable vs as shipped "
+                             "configuration; space: cpu.yaml with every choice searchable vs as shipped; select: "
+                             "final stages (top vs greedy, fixed vs auto members) and (d) the hand recipe "
                              "(default: methods,choices)")
     args = parser.parse_args()
     rows = set(args.rows.split(","))
@@ -303,7 +394,7 @@ def main() -> None:
 
     os.environ.setdefault("TUNEPROD_CACHE", str((args.work / "cache").absolute()))
     ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
-    results, choices, spaces = {}, {}, {}
+    results, choices, spaces, selects = {}, {}, {}, {}
     for name in args.sets.split(","):
         folder, skipped = make_set(name, args.work)
         if skipped:
@@ -312,6 +403,10 @@ def main() -> None:
         work = args.work / "work" / name
         shutil.rmtree(work, ignore_errors=True)
         work.mkdir(parents=True)
+        if "select" in rows:
+            selects[name] = select_rows(name, folder, work, args.search_budget)
+        if not rows & {"methods", "choices", "space"}:
+            continue
         searched = tuneprod_search(name, folder, work, args.search_budget, variants="methods" in rows)
         print(f"accuracy: {name}: (b)/(c) {searched}", flush=True)
         if "methods" in rows:
@@ -328,6 +423,7 @@ def main() -> None:
             spaces[name] = (searched, extended)
     ray.shutdown()
     report(results, args.search_budget)
+    report_select(selects, args.search_budget)
     report_choices(choices)
     report_spaces(spaces, args.search_budget)
 
@@ -352,6 +448,26 @@ def report(results: dict, budget: float) -> None:
         gains_single.append(searched["final"] - searched["single"])
     if results:
         print(f"\nfinal/seed: {100 * np.mean(gains_seed):+.1f} pts  final/single: {100 * np.mean(gains_single):+.1f} pts")
+
+
+def report_select(selects: dict, budget: float) -> None:
+    if not selects:
+        return
+    labels = [*SELECT_VARIANTS, "(d) recipe"]
+    print(f"\nFinal stages on one search each (search.time_budget_s {budget:.0f}; test accuracy, whole-run wall time, "
+          f"members / distinct configurations; (d): seeds)\n")
+    print(f"{'set':<8}" + "".join(f"{label:>26}" for label in labels))
+    for name, rows in selects.items():
+        cells = [f"{rows[l]['test_acc']:.3f} ({rows[l]['wall_s']:.0f} s, {rows[l]['members']}/"
+                 f"{rows[l]['configurations']})" for l in SELECT_VARIANTS]
+        recipe = rows["(d) recipe"]
+        cells.append(f"{recipe['test_acc']:.3f} ({recipe['wall_s']:.0f} s, {recipe['seeds']})")
+        print(f"{name:<8}" + "".join(f"{cell:>26}" for cell in cells))
+    gains = [rows[NEW_DEFAULT]["test_acc"] - rows[TODAY]["test_acc"] for rows in selects.values()]
+    recipe = [rows[NEW_DEFAULT]["test_acc"] - rows["(d) recipe"]["test_acc"] for rows in selects.values()]
+    print(f"\n{NEW_DEFAULT} against {TODAY}, and against (d):")
+    print(f"greedy/top: {100 * np.mean(gains):+.1f} pts  worst set: {100 * min(gains):+.1f} pts  "
+          f"final/recipe: {100 * np.mean(recipe):+.1f} pts")
 
 
 def report_choices(choices: dict) -> None:

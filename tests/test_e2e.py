@@ -296,3 +296,42 @@ def test_every_ending_is_told_one_way_when_the_budget_cuts_and_the_scheduler_sto
                        (("finished", "finished"), ("stopped", "stopped"), ("cut", "cut by the budget"))
                        if kinds.count(kind))
     assert f"| {len(table)}/12 trials done: {counts} |" in view, view
+
+
+def test_a_search_keeps_validation_predictions_and_the_final_stage_selects_from_them(tmp_path, ray_two_cpus):
+    """search -> each trial's validation probabilities at its best -> greedy ensemble selection -> members shared
+    out over the two slots -> weighted vote -> predict from the command line; the report shows the path."""
+    import numpy as np
+
+    from tuneprod.final.selection import KEPT_PREDICTIONS, ROUNDS
+
+    generate_demo(tmp_path / "demo", classes=4, train_per_class=8, test_per_class=3, size=32)
+    space = shrunk_space("demo.yaml", tmp_path, data={"demo": str(tmp_path / "demo"), "image_size": 32},
+                         search={"num_samples": 4, "scheduler": {"type": "fifo", "max_epochs": 2}},
+                         final={"select": "greedy", "members": "auto", "tta": []})
+    said = []
+    tuneprod.search(space, storage=tmp_path / "runs", progress=said.append)
+    experiment = tmp_path / "runs" / "shrunk_demo"
+    table = pd.read_parquet(experiment / "trials.parquet")
+    for row in table.itertuples():
+        with np.load(experiment / f"trial_{row.trial_id}" / KEPT_PREDICTIONS) as kept:
+            probabilities, labels, epoch = kept["probabilities"], kept["labels"], int(kept["epoch"])
+        assert probabilities.dtype == np.float16 and probabilities.shape == (len(labels), 4)
+        assert np.allclose(probabilities.astype(np.float32).sum(1), 1, atol=1e-2)
+        assert epoch == row.best_epoch  # kept at the trial's best, not its last
+        assert (probabilities.argmax(1) == labels).mean() == pytest.approx(row.val_acc)
+    ensemble = json.loads((experiment / "final" / "ensemble.json").read_text())
+    picks = ensemble["selection"]["picks"]
+    assert sum(picks.values()) == len(ensemble["selection"]["path"]) == ROUNDS
+    assert set(picks) <= set(table["trial_id"])
+    assert len(ensemble["members"]) == 2 and sum(ensemble["weights"]) == pytest.approx(1)  # two slots: two members
+    sources = {json.loads((experiment / "final" / m / "model.json").read_text())["source_trial"]
+               for m in ensemble["members"]}
+    assert sources <= set(picks)
+    assert any(line.startswith("final: ensemble selection over the trials' validation predictions") for line in said)
+    assert "ensemble selection over the trials" in (experiment / "report.html").read_text()
+    result = subprocess.run([sys.executable, "-m", "tuneprod.cli", "predict", str(experiment / "final"),
+                             str(tmp_path / "demo" / "test"), "--out", str(tmp_path / "p.csv")],
+                            capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert len(pd.read_csv(tmp_path / "p.csv")) == 12

@@ -104,3 +104,19 @@ def test_a_resumed_search_reopens_the_moved_folder_and_ends_lost_trials(tmp_path
     assert trials["lost"].state == TrialState.FAIL and trials["lost"].user_attrs[LOST]
     assert trials["b"].state == TrialState.RUNNING
     assert [t.params for t in study.trials].count(START) == 1  # the start point was asked once
+
+
+def test_a_trial_the_study_has_ended_already_ends_again_quietly(tmp_path):
+    """A bucket's study newer than Ray's state: a trial the study has ended comes back from Ray's state paused,
+    and is stopped again. Optuna raises when told twice (and Ray, seeing the error, would retry the trial)."""
+    search = searcher(tmp_path)
+    search.suggest("a")
+    report(search, "a", 1, 0.2)
+    search.on_trial_complete("a", {"val_acc": 0.2, "epoch": 1, "training_iteration": 1})
+    older = pickle.loads(pickle.dumps(search))  # the searcher as Ray's older state holds it: a not yet ended
+    older._completed_trials.discard("a")
+    with resumed_at(tmp_path):
+        restored = pickle.loads(pickle.dumps(older))
+    restored.on_trial_complete("a")  # stopped again, as Ray's controller stops a paused trial
+    (trial,) = load_study(tmp_path).trials
+    assert trial.state == TrialState.PRUNED and trial.intermediate_values == {1: 0.2}

@@ -141,7 +141,8 @@ def _trial_data(tmp_path):
     from tuneprod.tuning.trainable import TrialData
 
     images = decoded(index_images(write_image_folder(tmp_path / "images")), 16)
-    return TrialData(train=images, val=images, image_size=16, max_epochs=1, seed=0, workers=0)
+    return TrialData(train=images, val=images, image_size=16, max_epochs=1, seed=0, workers=0,
+                     metric="val_acc", mode="max")
 
 
 @pytest.mark.slow

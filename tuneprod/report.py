@@ -235,8 +235,15 @@ def _final(spec: Spec, experiment_dir: Path) -> list[str]:
                      "epochs": info.get("epochs"), "seed": info.get("seed"),
                      "backbone": info.get("hyperparams", {}).get("backbone")})
     soups = "; ".join(f"{soup} averages {', '.join(members)}" for soup, members in ensemble["soups"].items())
-    facts = [f"soft vote of {', '.join(ensemble['vote'])}", f"test-time views: {', '.join(ensemble['tta']) or 'none'}",
+    weights = ensemble.get("weights") or [1 / len(ensemble["vote"])] * len(ensemble["vote"])
+    vote = ", ".join(f"{name} ({weight:.2f})" for name, weight in zip(ensemble["vote"], weights))
+    facts = [f"soft vote of {vote}", f"test-time views: {', '.join(ensemble['tta']) or 'none'}",
              f"trained on {ensemble.get('trained_on_images', '?')} labelled images"] + ([soups] if soups else [])
+    selection = ensemble.get("selection")
+    if selection:  # final.select: greedy
+        path = ", ".join(f"+{step['trial']} {step['score']:.4f}" for step in selection["path"])
+        facts.append(f"ensemble selection over the trials' validation predictions, {selection['metric']} of the "
+                     f"vote after each round: {path}")
     mistakes = _mistakes(spec, experiment_dir)
     facts += [mistakes[0]] if mistakes else []
     body = "<ul>" + "".join(f"<li>{html.escape(f)}</li>" for f in facts) + "</ul>" + \

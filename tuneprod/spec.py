@@ -340,20 +340,31 @@ class ResourcesSpec(_Strict):
 
 
 class FinalSpec(_Strict):
-    """The final stage: the top `members` distinct configurations x `seeds`, each trained on all labelled data,
-    soft-voted (optionally souped) with test-time augmentation."""
+    """The final stage: `members` distinct configurations x `seeds`, each trained on all labelled data, soft-voted
+    (optionally souped) with test-time augmentation. `select`: which configurations, and their votes: `top`, the
+    best by the search metric, equal votes; `greedy`, ensemble selection over every trial's validation predictions,
+    weighted votes. `members: auto`: as many members as train at once on the cluster (the time of one), shared out
+    by the selection's weights, so that a selection that keeps picking one configuration trains it with more seeds."""
 
     enabled: bool = True
-    members: int = Field(1, ge=1)
+    members: Union[Literal["auto"], int] = 1
     seeds: int = Field(1, ge=1)
+    select: Literal["top", "greedy"] = "top"
     epochs: Union[Literal["auto"], int] = "auto"
     tta: tuple[str, ...] = ("flip", "crops")  # measured best by benchmarks/accuracy.py on every set
     soup: bool = False
 
-    @field_validator("epochs", mode="before")
+    @field_validator("epochs", "members", mode="before")
     @classmethod
     def _positive(cls, value):
         return _auto_or_number(value, lambda v: v >= 1 and v == int(v), "'auto' or an integer >= 1")
+
+    @model_validator(mode="after")
+    def _seeds_follow_auto_members(self):
+        if self.members == "auto" and self.seeds != 1:
+            raise ValueError(f"final.seeds: the value is {self.seeds}, but with final.members: auto the seeds follow "
+                             f"the selection's votes; leave it at 1, or set final.members to a number")
+        return self
 
     @field_validator("tta", mode="before")
     @classmethod

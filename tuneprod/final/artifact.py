@@ -1,6 +1,7 @@
 """The self-describing model folder `final/`, enough for `predict` to rebuild everything with no flags.
 
-    final/ensemble.json        classes, image size, how members combine (soft vote), which vote, TTA views
+    final/ensemble.json        classes, image size, how members combine (soft vote), which vote and its weights,
+                               TTA views, and the ensemble selection that chose them (final.select: greedy)
     final/member_1/            one trained model: model.safetensors + model.json (classes, preprocessing,
     final/member_2/ ...          hyperparameters, epochs, seed, source trial)
     final/soup_1/              (when final.soup) the weight average of members that share a pretrained start
@@ -14,6 +15,7 @@ import shutil
 import uuid
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Optional
 
 import torch
 from safetensors.torch import load_model, save_model
@@ -96,6 +98,7 @@ class Ensemble:
     members: dict[str, Member]  # every folder that can be scored: members and soups
     vote: tuple[str, ...]
     tta: tuple[str, ...]
+    weights: Optional[tuple[float, ...]] = None  # each vote's share; None: equal
 
 
 def load(folder: Path, device: torch.device) -> Ensemble:
@@ -106,7 +109,8 @@ def load(folder: Path, device: torch.device) -> Ensemble:
         names = list(dict.fromkeys(description["members"] + list(description["soups"]) + description["vote"]))
         members = {name: load_member(folder / name, device, name) for name in names}
         ensemble = Ensemble(tuple(description["classes"]), int(description["image_size"]), members,
-                            tuple(description["vote"]), _views(description["tta"], folder / ENSEMBLE))
+                            tuple(description["vote"]), _views(description["tta"], folder / ENSEMBLE),
+                            _weights(description, folder / ENSEMBLE))
     elif (folder / METADATA).is_file():
         member = load_member(folder, device, folder.name)
         tta = member.metadata.get("tta", False)  # a single model saved a bool: true meant the mirror
@@ -143,6 +147,16 @@ def _read_json(path: Path, expected_format: str) -> dict:
         found = content.get("format") if isinstance(content, dict) else None
         raise ArtifactError(f"{path}: format is {found!r}, but must be {expected_format!r}")
     return content
+
+
+def _weights(description: dict, path: Path) -> Optional[tuple[float, ...]]:
+    weights = description.get("weights")  # absent in ensembles saved before weighted votes
+    if weights is None:
+        return None
+    if not isinstance(weights, list) or len(weights) != len(description["vote"]) or \
+            not all(isinstance(w, (int, float)) and w >= 0 for w in weights) or not sum(weights) > 0:
+        raise ArtifactError(f"{path}: weights is {weights!r}, but must be one number >= 0 per vote entry, not all 0")
+    return tuple(float(w) for w in weights)
 
 
 def _views(views, path: Path) -> tuple[str, ...]:

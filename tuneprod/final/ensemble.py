@@ -2,7 +2,7 @@
 "soup". Plain torch, tested with hand-picked tensors."""
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -43,9 +43,14 @@ def view_probabilities(model: torch.nn.Module, images: torch.Tensor, views: Sequ
     return torch.stack(probabilities).mean(0)
 
 
-def soft_vote(probabilities: Sequence[torch.Tensor]) -> torch.Tensor:
-    """The members' probabilities averaged: each member counts the same, however confident it is."""
-    return torch.stack(list(probabilities)).mean(0)
+def soft_vote(probabilities: Sequence[torch.Tensor], weights: Optional[Sequence[float]] = None) -> torch.Tensor:
+    """The members' probabilities averaged, each by its weight (equal when none are given), however confident it
+    is: a weighted average of probabilities stays a probability."""
+    stacked = torch.stack(list(probabilities))
+    if weights is None:
+        return stacked.mean(0)
+    shares = torch.tensor(weights, dtype=stacked.dtype, device=stacked.device)
+    return torch.einsum("m,m...->...", shares / shares.sum(), stacked)
 
 
 def soup(states: Sequence[dict]) -> dict:

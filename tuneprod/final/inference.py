@@ -70,7 +70,7 @@ def score_images(model_dir: Path, paths: Sequence[Path], views: Sequence[str], s
         for pixels in loader:
             pixels = pixels.to(device, non_blocking=True)
             probabilities = {name: _member_probabilities(ensemble.members[name], pixels, views) for name in scored}
-            votes.append(soft_vote([probabilities[name] for name in ensemble.vote]).cpu())
+            votes.append(soft_vote([probabilities[name] for name in ensemble.vote], ensemble.weights).cpu())
             for name in scored:
                 member_labels[name] += probabilities[name].argmax(1).tolist()
             done = sum(len(v) for v in votes)

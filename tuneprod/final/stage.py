@@ -1,10 +1,11 @@
-"""The final stage: the search's best distinct configurations (members) trained on all labelled data (train +
-validation), combined by soft vote (optionally souped), saved as `final/`, then the test predictions.
+"""The final stage: the search's chosen configurations (members) trained on all labelled data (train +
+validation), combined by a weighted soft vote (optionally souped), saved as `final/`, then the test predictions.
 
-Members: the top `final.members` distinct configurations by the search metric (failed trials never), each with
-`final.seeds` seeds (data order, augmentation, mixing; members fine-tuned from pretrained weights share the head's
-initial weights too, so that they can be souped). Epochs: with final.epochs 'auto', as many as the member's trial had run when its metric
-peaked (its best_epoch); the learning-rate schedule spans exactly those epochs.
+Members: the configurations final.select chooses (the best distinct ones, or ensemble selection over the trials'
+validation predictions; failed trials never), each with `final.seeds` seeds (data order, augmentation, mixing;
+members fine-tuned from pretrained weights share the head's initial weights too, so that they can be souped).
+Epochs: with final.epochs 'auto', as many as the member's trial had run when its metric peaked (its best_epoch);
+the learning-rate schedule spans exactly those epochs.
 """
 from __future__ import annotations
 
@@ -14,13 +15,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
 
+import numpy as np
+import pandas as pd
 import torch
 from safetensors.torch import load_file
 
 from tuneprod.final import artifact
 from tuneprod.final.ensemble import soup
 from tuneprod.final.inference import PredictionReport, Scorer, predict, score_images
+from tuneprod.final.selection import KEPT_PREDICTIONS, Selection, greedy_selection, share_out
 from tuneprod.spec import EXPERIMENT_SPEC, Hyperparams, Spec, TrialConfig, UserError, is_uri, load_spec
+from tuneprod.storage import RemoteFolder
 from tuneprod.train.cache import DecodedImages, labelled_images
 from tuneprod.train.data import TEST_LABELS, check_test_images
 from tuneprod.train.heads import build_model
@@ -47,28 +52,91 @@ class MemberPlan:
     trial_id: str
     trial_value: float
     metric: str
+    weight: float = 1.0  # its share of the vote (before the vote's normalisation)
 
 
-def plan_members(spec: Spec, experiment_dir: Path) -> list[MemberPlan]:
+@dataclass(frozen=True)
+class Chosen:
+    """The configurations the final stage trains (their trials' rows, best first) and each one's votes."""
+
+    rows: list[pd.Series]
+    votes: list[float]
+    selection: Optional[Selection] = None  # how greedy selection got there
+
+
+def choose(spec: Spec, experiment_dir: Path, progress: Callable[[str], None] = print) -> Chosen:
+    """final.select: `top`, the best distinct configurations with a vote each; `greedy`, ensemble selection over
+    every usable trial's kept validation predictions (a configuration tried twice counts as one)."""
     if not (experiment_dir / results.TRIALS_PARQUET).is_file():
         raise UserError(f"{experiment_dir}: holds no {results.TRIALS_PARQUET}; run `tuneprod search` first")
     names, metric = spec.space.names(), spec.search.metric
+    table = results.read_table(experiment_dir)
     try:
-        rows = results.top_distinct(results.read_table(experiment_dir), metric, names, spec.final.members)
+        usable = results.usable_trials(table, metric)
     except ValueError as exc:
         raise UserError(f"{experiment_dir}: {exc}") from None
+    if spec.final.select == "greedy":
+        tables, labels = _kept_predictions(spec, experiment_dir, [str(t) for t in usable["trial_id"]])
+        if tables:
+            selection = greedy_selection(tables, labels, metric)
+            rows = {str(row["trial_id"]): row for _, row in usable.iterrows()}
+            votes: dict[tuple, float] = {}
+            firsts: dict[tuple, pd.Series] = {}
+            for trial, picks in selection.weights.items():  # a configuration tried twice: one member, its votes summed
+                key = tuple(sorted(results.params_of(rows[trial], names).items()))
+                votes[key] = votes.get(key, 0) + picks
+                firsts.setdefault(key, rows[trial])
+            ranked = sorted(votes, key=lambda key: -votes[key])  # stable: ties in the order first picked
+            return Chosen([firsts[key] for key in ranked], [votes[key] for key in ranked], selection)
+        progress("final: no trial kept its validation predictions (a search from an older tuneprod): members are "
+                 "the best configurations, as final.select: top")
+    count = spec.final.members if spec.final.members != "auto" else len(usable)
+    rows = results.top_distinct(table, metric, names, count)
+    return Chosen(rows, [1.0] * len(rows))
+
+
+def _kept_predictions(spec: Spec, experiment_dir: Path, trials: list[str]) -> tuple[dict, Optional[np.ndarray]]:
+    """{trial: validation probabilities} of the trials that kept them, in one image order (the first's), and the
+    labels; from the bucket when the experiment's storage is one."""
+    tables, order = {}, None
+    for trial in trials:
+        relative = f"trial_{trial}/{KEPT_PREDICTIONS}"
+        if spec.remote is not None:
+            RemoteFolder(spec.remote).download(relative, experiment_dir / relative)
+        path = experiment_dir / relative
+        if not path.is_file():
+            continue
+        with np.load(path, allow_pickle=False) as kept:
+            rows, labels, probabilities = kept["rows"], kept["labels"], kept["probabilities"]
+        if order is None:
+            order = (rows, labels)
+        if np.array_equal(rows, order[0]) and np.array_equal(labels, order[1]):
+            tables[trial] = probabilities
+    return tables, None if order is None else order[1]
+
+
+def plan_members(spec: Spec, experiment_dir: Path, slots: int = 1, chosen: Optional[Chosen] = None,
+                 progress: Callable[[str], None] = print) -> list[MemberPlan]:
+    """The members to train: each chosen configuration with final.seeds seeds, its votes shared among them. With
+    final.members 'auto', `slots` members (as many as train at once), shared out by the votes."""
+    chosen = chosen or choose(spec, experiment_dir, progress)
+    names, metric = spec.space.names(), spec.search.metric
+    if spec.final.members == "auto":
+        seeds = share_out(chosen.votes, slots)
+    else:
+        seeds = [spec.final.seeds] * min(spec.final.members, len(chosen.rows))
     plans = []
-    for row in rows:
+    for row, votes, count in zip(chosen.rows, chosen.votes, seeds):
         hp = Hyperparams.from_params(results.params_of(row, names))
         epochs = int(row["best_epoch"]) if spec.final.epochs == "auto" else spec.final.epochs
-        for offset in range(spec.final.seeds):
+        for offset in range(count):
             # Members fine-tuned from pretrained weights share their whole start, the new head included, so that
             # they stay averageable (a soup); from scratch, each seed starts from its own weights.
             config = TrialConfig(hp, image_size=spec.data.image_size, epochs=epochs, seed=spec.search.seed + offset,
                                  workers=spec.dataloader_workers,
                                  init_seed=spec.search.seed if hp.pretrained else None)
             plans.append(MemberPlan(f"member_{len(plans) + 1}", config, str(row["trial_id"]), float(row[metric]),
-                                    metric))
+                                    metric, votes / count))
     return plans
 
 
@@ -91,13 +159,19 @@ def train_member(plan: MemberPlan, images: DecodedImages, folder: Path, device: 
 
 
 def final_stage(spec: Spec, experiment_dir: Path, progress: Callable[[str], None],
-                images: Optional[DecodedImages], train_members: MemberTrainer) -> Path:
+                images: Optional[DecodedImages], train_members: MemberTrainer, slots: int = 1) -> Path:
     """Runs the final stage into final/. `images`: the labelled images the search already indexed and decoded (else
-    they are indexed again, and the decoded cache found again)."""
-    plans = plan_members(spec, experiment_dir)
+    they are indexed again, and the decoded cache found again). `slots`: members trained at once."""
+    chosen = choose(spec, experiment_dir, progress)
+    if chosen.selection is not None:
+        path = ", ".join(f"{trial} {score:.4f}" for trial, score in chosen.selection.path)
+        progress(f"final: ensemble selection over the trials' validation predictions ({spec.search.metric} after "
+                 f"each round): {path}")
+    plans = plan_members(spec, experiment_dir, slots, chosen)
     labelled = images if images is not None else labelled_images(spec, progress)
     listing = ", ".join(f"{p.name}: trial {p.trial_id} ({p.metric} {p.trial_value:.4f}, seed {p.config.seed}, "
-                        f"{p.config.epochs} epochs)" for p in plans)
+                        f"{p.config.epochs} epochs, vote {p.weight / sum(q.weight for q in plans):.2f})"
+                        for p in plans)
     progress(f"final: training {len(plans)} member(s) on all {len(labelled)} labelled images: {listing}")
     staging = artifact.staging_folder(experiment_dir / FINAL)
     staging.mkdir(parents=True)
@@ -110,8 +184,14 @@ def final_stage(spec: Spec, experiment_dir: Path, progress: Callable[[str], None
         soups = make_soups(trained, staging, labelled.classes) if spec.final.soup else {}
         souped = {name for members in soups.values() for name in members}
         vote = list(soups) + [plan.name for plan in trained if plan.name not in souped]
+        weight = {plan.name: plan.weight for plan in trained}
+        weights = [sum(weight[name] for name in soups.get(entry, [entry])) for entry in vote]
+        info = {"trained_on_images": len(labelled), "weights": [w / sum(weights) for w in weights]}
+        if chosen.selection is not None:
+            info["selection"] = {"metric": spec.search.metric, "picks": chosen.selection.weights,
+                                 "path": [{"trial": trial, "score": score} for trial, score in chosen.selection.path]}
         artifact.write_ensemble(staging, labelled.classes, spec.data.image_size, [p.name for p in trained], vote,
-                                soups, spec.final.tta, {"trained_on_images": len(labelled)})
+                                soups, spec.final.tta, info)
         folder = artifact.publish(staging, experiment_dir / FINAL)
     finally:
         shutil.rmtree(staging, ignore_errors=True)  # gone already when published

@@ -130,6 +130,7 @@ class TrainingRun:
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp_dtype == torch.float16)
         self.mix_rng = np.random.default_rng(config.seed)
         self.epoch = 0
+        self.val_probabilities: Optional[np.ndarray] = None  # the last evaluation's, images x classes, float16
 
     def step(self) -> dict:
         """Trains one epoch, then evaluates on the validation set when there is one."""
@@ -190,15 +191,19 @@ class TrainingRun:
         if self.predicts_by_gallery:
             model.set_gallery(self._gallery_batches())
             embedded = len(model.gallery)
+        probabilities = []
         try:
             for logits, labels in predict_logits(model, self.val_batches.epoch(), self.device):
                 labels = labels.to(self.device)
                 total_loss += F.cross_entropy(logits, labels, reduction="sum").item()
                 correct += (logits.argmax(1) == labels).sum().item()
                 seen += len(labels)
+                probabilities.append(logits.softmax(1).half().cpu())
         finally:
             if self.predicts_by_gallery:
                 model.clear_gallery()
+        # In the validation images' order, for ensemble selection after the search (half precision: 2 bytes a class).
+        self.val_probabilities = torch.cat(probabilities).numpy()
         elapsed = time.perf_counter() - started
         return {"val_loss": total_loss / seen, "val_acc": correct / seen,
                 "eval_images_per_s": (seen + embedded) / elapsed if elapsed > 0 else 0.0}

@@ -18,7 +18,7 @@ from tuneprod.final.inference import Scores, Scorer, score_images
 from tuneprod.final.stage import MemberPlan, final_stage, load_experiment, predict_test, train_member
 from tuneprod.spec import Spec
 from tuneprod.train.cache import DecodedImages, localised
-from tuneprod.tuning.tuner import start_ray, trial_resources
+from tuneprod.tuning.tuner import member_slots, start_ray, trial_resources
 
 HEARTBEAT_S = 120  # seconds between progress lines while members train
 SHARD_IMAGES = 1000  # test images per prediction task: a few tens of MB of JPEGs through the object store
@@ -30,7 +30,7 @@ def retrain_and_predict(experiment_dir: Path, progress: Callable[[str], None] = 
     experiment_dir = Path(experiment_dir)
     spec = localised(load_experiment(experiment_dir), progress)
     start_ray(address, progress)
-    folder = final_stage(spec, experiment_dir, progress, images, train_members)
+    folder = final_stage(spec, experiment_dir, progress, images, train_members, member_slots(spec))
     predict_test(spec, experiment_dir, progress, cluster_scorer(spec))
     return folder
 

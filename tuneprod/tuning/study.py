@@ -47,6 +47,11 @@ class StudySearch(OptunaSearch):
         if trial_id in self._completed_trials or trial_id not in self._ot_trials:
             return
         trial = self._ot_trials[trial_id]
+        if self._storage.get_trial(trial._trial_id).state.is_finished():
+            # Told already by a driver lost after the study's last upload to a bucket and before Ray's state's: the
+            # restored trial ends again here. Telling Optuna twice raises, and Ray would retry the trial, forever.
+            self._completed_trials.add(trial_id)
+            return
         state = study_state(self._endings.conclude(trial_id, result, errored=error))
         if state == TrialState.FAIL:
             self._ot_study.tell(trial, state=TrialState.FAIL)

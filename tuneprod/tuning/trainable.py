@@ -11,12 +11,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
+import numpy as np
 import pandas as pd
 import pyarrow.fs
 import ray
 import torch
 from ray import tune
 
+from tuneprod.final.selection import KEPT_PREDICTIONS
 from tuneprod.spec import Hyperparams, TrialConfig
 from tuneprod.train.cache import DecodedImages
 from tuneprod.train.loop import TrainingRun
@@ -24,6 +26,9 @@ from tuneprod.tuning.endings import FAILED_IN_EPOCH, FAILED_RESULT
 from tuneprod.tuning.results import describe
 
 STATE_FILE = re.compile(r"state_epoch(\d+)\.pt")  # a checkpoint's one file, named by the epochs it holds
+
+
+KEPT_SCORE = "kept_predictions_score"  # in the saved state: the metric the kept predictions scored
 
 
 def state_file(epoch: int) -> str:
@@ -40,6 +45,8 @@ class TrialData:
     max_epochs: int
     seed: int
     workers: int
+    metric: str  # the search's: the validation predictions at its best so far are kept
+    mode: str
 
 
 def train_trial(config: dict, data: TrialData) -> None:
@@ -53,13 +60,18 @@ def train_trial(config: dict, data: TrialData) -> None:
     run = None
     try:
         run = TrainingRun(trial_config, data.train.classes, data.train, data.val, device)
-        state = resume_state()
+        state, kept = resume_state(), None
         if state:  # a restored experiment or a retried trial resumes where it stopped
-            run.load_state_dict(torch.load(state, weights_only=True))
+            saved = torch.load(state, weights_only=True)
+            run.load_state_dict(saved)
+            kept = saved.get(KEPT_SCORE)
         while run.epoch < trial_config.epochs:
             metrics = run.step()
+            if _better(metrics.get(data.metric), kept, data.mode):
+                kept = metrics[data.metric]
+                keep_predictions(run.val_probabilities, data.val, run.epoch)
             with tempfile.TemporaryDirectory() as folder:
-                torch.save(run.state_dict(), Path(folder) / state_file(run.epoch))
+                torch.save({**run.state_dict(), KEPT_SCORE: kept}, Path(folder) / state_file(run.epoch))
                 tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(folder))
     except Exception as exc:  # the trial's own failure: its last result, so that Ray does not retry it
         # No `epoch`: no rung may count it. Both metrics, NaN: Ray insists on the search metric in every result.
@@ -72,6 +84,27 @@ def train_trial(config: dict, data: TrialData) -> None:
         if device.type == "cuda":
             gc.collect()
             torch.cuda.empty_cache()
+
+
+def _better(value: Optional[float], kept: Optional[float], mode: str) -> bool:
+    if value is None or not math.isfinite(value):
+        return False
+    return kept is None or (value > kept if mode == "max" else value < kept)
+
+
+def keep_predictions(probabilities: np.ndarray, val: DecodedImages, epoch: int) -> None:
+    """The validation probabilities into the trial's folder in the storage (for the final stage's ensemble
+    selection), with the images' order: written beside, then moved over the previous ones, so that a reader never
+    sees half a table."""
+    storage = tune.get_context().get_storage()
+    fs, folder = storage.storage_filesystem, storage.trial_fs_path
+    buffer = io.BytesIO()
+    np.savez(buffer, probabilities=probabilities, rows=val.rows, labels=val.labels, epoch=epoch)
+    fs.create_dir(folder, recursive=True)
+    partial = f"{folder}/.{KEPT_PREDICTIONS}.partial"
+    with fs.open_output_stream(partial) as stream:
+        stream.write(buffer.getvalue())
+    fs.move(partial, f"{folder}/{KEPT_PREDICTIONS}")
 
 
 def resume_state() -> Optional[io.BytesIO]:

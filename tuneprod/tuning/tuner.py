@@ -197,15 +197,23 @@ def plan_budget(spec: Spec, work: Workload, speed: Speed, grace: int,
 
 def _workload(spec: Spec, data: TrialData, images: DecodedImages, final: bool) -> Workload:
     test = spec.data.test_path
+    slots = member_slots(spec)
+    auto = spec.final.members == "auto"  # as many members as slots: the time of one
+    epochs = spec.final.epochs
+    return Workload(train_images=len(data.train), val_images=len(data.val), labelled_images=len(images),
+                    test_images=len(list_images(test)) if final and test is not None else 0,
+                    views=view_count(spec.final.tta), members=slots if auto else spec.final.members,
+                    seeds=1 if auto else spec.final.seeds,
+                    member_epochs_default=None if epochs == "auto" else epochs, slots=slots, final=final)
+
+
+def member_slots(spec: Spec) -> int:
+    """How many final-stage members the cluster trains at once, each with a trial's resources."""
     cluster = ray.cluster_resources()
     per_member = trial_resources(spec, cluster.get("GPU", 0))
     slots = int(cluster.get("GPU", 0) // per_member["gpu"]) if per_member["gpu"] else \
         int(cluster.get("CPU", 1) // per_member["cpu"])
-    epochs = spec.final.epochs
-    return Workload(train_images=len(data.train), val_images=len(data.val), labelled_images=len(images),
-                    test_images=len(list_images(test)) if final and test is not None else 0,
-                    views=view_count(spec.final.tta), members=spec.final.members, seeds=spec.final.seeds,
-                    member_epochs_default=None if epochs == "auto" else epochs, slots=max(1, slots), final=final)
+    return max(1, slots)
 
 
 def _measured_speed(spec: Spec, data: TrialData, progress: Callable[[str], None]) -> Speed:
@@ -282,7 +290,8 @@ def _trial_data(spec: Spec, progress: Callable[[str], None]) -> tuple[DecodedIma
              f"images{held_out}")
     return labelled, TrialData(train=train, val=val, image_size=spec.data.image_size,
                                max_epochs=spec.search.scheduler.max_epochs, seed=spec.search.seed,
-                               workers=spec.dataloader_workers)
+                               workers=spec.dataloader_workers, metric=spec.search.metric,
+                               mode=spec.search.direction)
 
 
 def _trainable(spec: Spec, data: TrialData, address: Optional[str], progress: Callable[[str], None]):
