@@ -4,12 +4,11 @@ import numpy as np
 import pytest
 import torch
 
-from tests.test_refit import NAMES, curve, experiment
+from tests.test_refit import curve, experiment
 from tuneprod.final.ensemble import soft_vote
 from tuneprod.final.selection import KEPT_PREDICTIONS, ensemble_score, greedy_selection, share_out
 from tuneprod.final.stage import choose, plan_members
-from tuneprod.tuning.endings import TrialEndings
-from tuneprod.tuning.results import TrialRecord, trials_table, write_results
+from tuneprod.tuning.results import TrialRecord
 
 LABELS = np.array([0, 1, 2, 0])
 
@@ -31,16 +30,35 @@ def test_each_round_adds_the_trial_that_helps_most_and_may_add_one_again():
     # Round 1: C alone is the best single trial. Round 2: B fixes image 3 (C + B: all four right).
     assert [trial for trial, _ in selection.path][:2] == ["c", "b"]
     assert selection.path[1][1] == 1.0
-    # Later rounds keep the vote at 1.0, and may pick a trial already in (with replacement).
-    assert [score for _, score in selection.path][2:] == [1.0, 1.0]
-    assert sum(selection.weights.values()) == selection.rounds == 4
+    # Later rounds keep the vote at 1.0 and may pick a trial already in (with replacement); the rounds up to the
+    # best (accuracy, then the lower loss) are kept, and their picks are the weights.
+    assert [score for _, score in selection.path][2:] == [1.0, 1.0] and len(selection.path) == 4
+    assert 2 <= selection.kept <= 4 and sum(selection.weights.values()) == selection.kept
     assert list(selection.weights)[:2] == ["c", "b"]  # in the order first picked
+
+
+def test_rounds_after_the_best_score_are_dropped():
+    # Every round adds a again (b would lower the vote), and a averaged with itself is a: every round scores the
+    # same, so the fewest rounds are kept.
+    perfect = np.eye(3, dtype=np.float32)[LABELS] * 0.8 + 0.2 / 3
+    selection = greedy_selection({"a": perfect, "b": B}, LABELS, "val_acc", rounds=5)
+    assert [trial for trial, _ in selection.path] == ["a"] * 5 and selection.kept == 1
+    assert selection.weights == {"a": 1}
+
+
+def test_at_most_as_many_distinct_trials_as_members():
+    selection = greedy_selection({"c": C, "a": A, "b": B}, LABELS, "val_acc", rounds=6, most=1)
+    assert set(trial for trial, _ in selection.path) == {"c"}  # the best single one, weighted alone
+    selection = greedy_selection({"c": C, "a": A, "b": B}, LABELS, "val_acc", rounds=6, most=2)
+    assert set(trial for trial, _ in selection.path) == {"c", "b"}
 
 
 def test_picking_again_weights_a_trial():
     selection = greedy_selection({"a": A}, LABELS, "val_acc", rounds=3)
-    assert selection.weights == {"a": 3}  # a single usable trial: picked every round
-    assert [score for _, score in selection.path] == [0.5, 0.5, 0.5]
+    assert [trial for trial, _ in selection.path] == ["a"] * 3  # a single usable trial: picked every round
+    assert [score for _, score in selection.path] == [0.5, 0.5, 0.5] and selection.weights == {"a": 1}
+    surer_of_c = greedy_selection({"c": C, "b": B}, LABELS, "val_acc", rounds=10)
+    assert max(surer_of_c.weights.values()) > 1 or surer_of_c.kept == 2  # picked again where it helps
 
 
 def test_ties_go_to_the_earlier_trial_and_accuracy_ties_to_the_lower_loss():
@@ -97,7 +115,7 @@ def test_greedy_final_stage_plans_from_the_kept_predictions(tmp_path):
     keep(tmp_path, "a", A)
     keep(tmp_path, "b", B)
     keep(tmp_path, "other_order", perfect, rows=(13, 12, 11, 10))  # another image order: not comparable
-    chosen = choose(spec, tmp_path, print)
+    chosen = choose(spec, tmp_path, print, slots=4)
     assert [trial for trial, _ in chosen.selection.path][:2] == ["c", "b"]
     assert set(chosen.selection.weights) <= {"a", "b", "c"}  # not the failed one, nor the one in another order
     votes = dict(zip([str(row["trial_id"]) for row in chosen.rows], chosen.votes))
@@ -119,12 +137,12 @@ def test_greedy_without_kept_predictions_falls_back_to_the_best(tmp_path):
 
 def test_a_configuration_tried_twice_is_one_member_with_both_votes(tmp_path):
     same = {"optimizer": "sgd", "lr": 0.1, "batch_size": 16}
-    records = [TrialRecord("c", same, curve(0.75)), TrialRecord("c2", dict(same), curve(0.75)),
-               TrialRecord("b", {"optimizer": "adamw", "lr": 0.001, "batch_size": 16}, curve(0.5))]
-    write_results(tmp_path, trials_table(records, NAMES, "val_acc", "max", TrialEndings(None, 5)), NAMES, "val_acc")
+    records = [TrialRecord("c", same, curve(0.75)), TrialRecord("c2", dict(same), curve(0.5)),
+               TrialRecord("a", {"optimizer": "adamw", "lr": 0.001, "batch_size": 16}, curve(0.5))]
     spec = experiment(tmp_path, {"select": "greedy", "members": 2}, records)
-    for trial, probabilities in (("c", C), ("c2", C), ("b", B)):
+    for trial, probabilities in (("c", C), ("c2", B), ("a", A)):  # its two trials complement each other
         keep(tmp_path, trial, probabilities)
     chosen = choose(spec, tmp_path, print)
-    assert len(chosen.rows) == len({str(r["trial_id"]) for r in chosen.rows})
-    assert sum(chosen.votes) == 10 and str(chosen.rows[0]["trial_id"]) == "c"
+    assert list(chosen.selection.weights)[:2] == ["c", "c2"]
+    assert [str(r["trial_id"]) for r in chosen.rows] == ["c"]  # one member, at its better trial
+    assert chosen.votes == [chosen.selection.kept] and chosen.selection.kept >= 2

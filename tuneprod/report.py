@@ -243,7 +243,7 @@ def _final(spec: Spec, experiment_dir: Path) -> list[str]:
     if selection:  # final.select: greedy
         path = ", ".join(f"+{step['trial']} {step['score']:.4f}" for step in selection["path"])
         facts.append(f"ensemble selection over the trials' validation predictions, {selection['metric']} of the "
-                     f"vote after each round: {path}")
+                     f"vote after each round: {path}; the first {selection.get('kept_rounds', '?')} kept")
     mistakes = _mistakes(spec, experiment_dir)
     facts += [mistakes[0]] if mistakes else []
     body = "<ul>" + "".join(f"<li>{html.escape(f)}</li>" for f in facts) + "</ul>" + \

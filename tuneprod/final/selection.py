@@ -5,7 +5,7 @@ the best one. Plain arithmetic on probability tables, tested with hand-made ones
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Mapping
+from typing import Mapping, Optional
 
 import numpy as np
 
@@ -15,12 +15,9 @@ KEPT_PREDICTIONS = "val_predictions.npz"  # in each trial's folder: its validati
 
 @dataclass(frozen=True)
 class Selection:
-    weights: dict[str, int]  # trial id -> times picked, in the order first picked
+    weights: dict[str, int]  # trial id -> times picked in the rounds kept, in the order first picked
     path: list[tuple[str, float]]  # each round: the trial added and the ensemble's score after it
-
-    @property
-    def rounds(self) -> int:
-        return len(self.path)
+    kept: int  # the rounds kept: those up to the best score (later ones only fit the validation set's noise)
 
 
 def ensemble_score(probabilities: np.ndarray, labels: np.ndarray, metric: str) -> float:
@@ -31,26 +28,34 @@ def ensemble_score(probabilities: np.ndarray, labels: np.ndarray, metric: str) -
     return float(-np.log(np.clip(picked, 1e-12, None)).mean())
 
 
-def greedy_selection(tables: Mapping[str, np.ndarray], labels: np.ndarray, metric: str,
-                     rounds: int = ROUNDS) -> Selection:
+def greedy_selection(tables: Mapping[str, np.ndarray], labels: np.ndarray, metric: str, rounds: int = ROUNDS,
+                     most: Optional[int] = None) -> Selection:
     """`tables`: each usable trial's validation probabilities (images x classes, one image order), best trial
     first: ties go to the earlier one. Each round adds the trial (again, if it is already in) whose addition
-    scores best; accuracy ties are broken by the lower loss, since a small validation set ties often."""
+    scores best; accuracy ties are broken by the lower loss, since a small validation set ties often. `most`: at
+    most that many distinct trials (the members the final stage will train); once they are in, the later rounds
+    only weight them. The rounds up to the best score are kept (of equal scores, the fewest rounds)."""
     if not tables:
         raise ValueError("no trial kept its validation predictions")
     ids = list(tables)
     stacked = np.stack([np.asarray(tables[trial], dtype=np.float32) for trial in ids])
     total = np.zeros_like(stacked[0])
-    weights: dict[str, int] = {}
-    path = []
+    picked: list[int] = []
+    path, ranks = [], []
     for number in range(1, rounds + 1):
-        candidates = (total[None] + stacked) / number
-        ranks = [_rank(candidate, labels, metric) for candidate in candidates]
-        best = min(range(len(ids)), key=lambda index: (ranks[index], index))
+        full = most is not None and len(set(picked)) >= most
+        allowed = sorted(set(picked)) if full else range(len(ids))
+        scored = {index: _rank((total + stacked[index]) / number, labels, metric) for index in allowed}
+        best = min(scored, key=lambda index: (scored[index], index))
         total += stacked[best]
-        weights[ids[best]] = weights.get(ids[best], 0) + 1
+        picked.append(best)
+        ranks.append(scored[best])
         path.append((ids[best], ensemble_score(total / number, labels, metric)))
-    return Selection(weights, path)
+    kept = min(range(rounds), key=lambda index: (ranks[index], index)) + 1
+    weights: dict[str, int] = {}
+    for index in picked[:kept]:
+        weights[ids[index]] = weights.get(ids[index], 0) + 1
+    return Selection(weights, path, kept)
 
 
 def _rank(probabilities: np.ndarray, labels: np.ndarray, metric: str) -> tuple[float, float]:

@@ -64,9 +64,10 @@ class Chosen:
     selection: Optional[Selection] = None  # how greedy selection got there
 
 
-def choose(spec: Spec, experiment_dir: Path, progress: Callable[[str], None] = print) -> Chosen:
+def choose(spec: Spec, experiment_dir: Path, progress: Callable[[str], None] = print, slots: int = 1) -> Chosen:
     """final.select: `top`, the best distinct configurations with a vote each; `greedy`, ensemble selection over
-    every usable trial's kept validation predictions (a configuration tried twice counts as one)."""
+    every usable trial's kept validation predictions, of as many trials as there will be members (final.members,
+    or `slots` with 'auto'; a configuration tried twice counts as one)."""
     if not (experiment_dir / results.TRIALS_PARQUET).is_file():
         raise UserError(f"{experiment_dir}: holds no {results.TRIALS_PARQUET}; run `tuneprod search` first")
     names, metric = spec.space.names(), spec.search.metric
@@ -78,7 +79,8 @@ def choose(spec: Spec, experiment_dir: Path, progress: Callable[[str], None] = p
     if spec.final.select == "greedy":
         tables, labels = _kept_predictions(spec, experiment_dir, [str(t) for t in usable["trial_id"]])
         if tables:
-            selection = greedy_selection(tables, labels, metric)
+            most = slots if spec.final.members == "auto" else spec.final.members
+            selection = greedy_selection(tables, labels, metric, most=most)
             rows = {str(row["trial_id"]): row for _, row in usable.iterrows()}
             votes: dict[tuple, float] = {}
             firsts: dict[tuple, pd.Series] = {}
@@ -119,7 +121,7 @@ def plan_members(spec: Spec, experiment_dir: Path, slots: int = 1, chosen: Optio
                  progress: Callable[[str], None] = print) -> list[MemberPlan]:
     """The members to train: each chosen configuration with final.seeds seeds, its votes shared among them. With
     final.members 'auto', `slots` members (as many as train at once), shared out by the votes."""
-    chosen = chosen or choose(spec, experiment_dir, progress)
+    chosen = chosen or choose(spec, experiment_dir, progress, slots)
     names, metric = spec.space.names(), spec.search.metric
     if spec.final.members == "auto":
         seeds = share_out(chosen.votes, slots)
@@ -162,11 +164,11 @@ def final_stage(spec: Spec, experiment_dir: Path, progress: Callable[[str], None
                 images: Optional[DecodedImages], train_members: MemberTrainer, slots: int = 1) -> Path:
     """Runs the final stage into final/. `images`: the labelled images the search already indexed and decoded (else
     they are indexed again, and the decoded cache found again). `slots`: members trained at once."""
-    chosen = choose(spec, experiment_dir, progress)
+    chosen = choose(spec, experiment_dir, progress, slots)
     if chosen.selection is not None:
         path = ", ".join(f"{trial} {score:.4f}" for trial, score in chosen.selection.path)
         progress(f"final: ensemble selection over the trials' validation predictions ({spec.search.metric} after "
-                 f"each round): {path}")
+                 f"each round): {path}; the first {chosen.selection.kept} round(s) kept")
     plans = plan_members(spec, experiment_dir, slots, chosen)
     labelled = images if images is not None else labelled_images(spec, progress)
     listing = ", ".join(f"{p.name}: trial {p.trial_id} ({p.metric} {p.trial_value:.4f}, seed {p.config.seed}, "
@@ -189,6 +191,7 @@ def final_stage(spec: Spec, experiment_dir: Path, progress: Callable[[str], None
         info = {"trained_on_images": len(labelled), "weights": [w / sum(weights) for w in weights]}
         if chosen.selection is not None:
             info["selection"] = {"metric": spec.search.metric, "picks": chosen.selection.weights,
+                                 "kept_rounds": chosen.selection.kept,
                                  "path": [{"trial": trial, "score": score} for trial, score in chosen.selection.path]}
         artifact.write_ensemble(staging, labelled.classes, spec.data.image_size, [p.name for p in trained], vote,
                                 soups, spec.final.tta, info)
