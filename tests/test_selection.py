@@ -146,3 +146,17 @@ def test_a_configuration_tried_twice_is_one_member_with_both_votes(tmp_path):
     assert list(chosen.selection.weights)[:2] == ["c", "c2"]
     assert [str(r["trial_id"]) for r in chosen.rows] == ["c"]  # one member, at its better trial
     assert chosen.votes == [chosen.selection.kept] and chosen.selection.kept >= 2
+
+
+def test_only_the_trials_that_trained_furthest_are_candidates(tmp_path):
+    """A trial stopped at an early rung is a snapshot of a schedule it never finished: however well its
+    predictions complement the best one's, it is no candidate while enough trials trained further."""
+    records = [TrialRecord("c", {"optimizer": "sgd", "lr": 0.1, "batch_size": 16}, curve(0.5, 0.75)),
+               TrialRecord("b", {"optimizer": "adamw", "lr": 0.001, "batch_size": 16}, curve(0.5)),  # rung 1
+               TrialRecord("a", {"optimizer": "adamw", "lr": 0.01, "batch_size": 16}, curve(0.4, 0.5))]
+    spec = experiment(tmp_path, {"select": "greedy", "members": 2}, records)
+    for trial, probabilities in (("c", C), ("b", B), ("a", A)):
+        keep(tmp_path, trial, probabilities)
+    assert set(choose(spec, tmp_path, print).selection.weights) <= {"c", "a"}
+    spec = experiment(tmp_path, {"select": "greedy", "members": 3}, records)  # three members: all three compare
+    assert "b" in choose(spec, tmp_path, print).selection.weights

@@ -66,8 +66,9 @@ class Chosen:
 
 def choose(spec: Spec, experiment_dir: Path, progress: Callable[[str], None] = print, slots: int = 1) -> Chosen:
     """final.select: `top`, the best distinct configurations with a vote each; `greedy`, ensemble selection over
-    every usable trial's kept validation predictions, of as many trials as there will be members (final.members,
-    or `slots` with 'auto'; a configuration tried twice counts as one)."""
+    the kept validation predictions of the usable trials that trained furthest (at least as far as the members'
+    count-th), of as many trials as there will be members (final.members, or `slots` with 'auto'; a configuration
+    tried twice counts as one)."""
     if not (experiment_dir / results.TRIALS_PARQUET).is_file():
         raise UserError(f"{experiment_dir}: holds no {results.TRIALS_PARQUET}; run `tuneprod search` first")
     names, metric = spec.space.names(), spec.search.metric
@@ -77,9 +78,10 @@ def choose(spec: Spec, experiment_dir: Path, progress: Callable[[str], None] = p
     except ValueError as exc:
         raise UserError(f"{experiment_dir}: {exc}") from None
     if spec.final.select == "greedy":
-        tables, labels = _kept_predictions(spec, experiment_dir, [str(t) for t in usable["trial_id"]])
+        most = slots if spec.final.members == "auto" else spec.final.members
+        candidates = results.furthest_trained(usable, most)
+        tables, labels = _kept_predictions(spec, experiment_dir, [str(t) for t in candidates["trial_id"]])
         if tables:
-            most = slots if spec.final.members == "auto" else spec.final.members
             selection = greedy_selection(tables, labels, metric, most=most)
             rows = {str(row["trial_id"]): row for _, row in usable.iterrows()}
             votes: dict[tuple, float] = {}

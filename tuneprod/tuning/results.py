@@ -124,6 +124,14 @@ def usable_trials(table: pd.DataFrame, metric: str) -> pd.DataFrame:
     return usable
 
 
+def furthest_trained(usable: pd.DataFrame, count: int) -> pd.DataFrame:
+    """The trials that ran at least as many epochs as the `count`-th furthest, in the table's order: those whose
+    validation predictions compare. One stopped at an early rung is a snapshot of a schedule it never finished, and
+    its member, retrained for that many epochs, is another model."""
+    least = usable["epochs_run"].nlargest(max(count, 1)).min()
+    return usable[usable["epochs_run"] >= least]
+
+
 def best_row(table: pd.DataFrame, metric: str) -> pd.Series:
     return usable_trials(table, metric).iloc[0]
 
