@@ -87,7 +87,7 @@ def choose(spec: Spec, experiment_dir: Path, progress: Callable[[str], None] = p
             votes: dict[tuple, float] = {}
             firsts: dict[tuple, pd.Series] = {}
             for trial, picks in selection.weights.items():  # a configuration tried twice: one member, its votes summed
-                key = tuple(sorted(results.params_of(rows[trial], names).items()))
+                key = results.configuration_key(rows[trial], names)
                 votes[key] = votes.get(key, 0) + picks
                 firsts.setdefault(key, rows[trial])
             ranked = sorted(votes, key=lambda key: -votes[key])  # stable: ties in the order first picked
@@ -103,10 +103,11 @@ def _kept_predictions(spec: Spec, experiment_dir: Path, trials: list[str]) -> tu
     """{trial: validation probabilities} of the trials that kept them, in one image order (the first's), and the
     labels; from the bucket when the experiment's storage is one."""
     tables, order = {}, None
+    remote = RemoteFolder(spec.remote) if spec.remote is not None else None
     for trial in trials:
         relative = f"trial_{trial}/{KEPT_PREDICTIONS}"
-        if spec.remote is not None:
-            RemoteFolder(spec.remote).download(relative, experiment_dir / relative)
+        if remote is not None:
+            remote.download(relative, experiment_dir / relative)
         path = experiment_dir / relative
         if not path.is_file():
             continue

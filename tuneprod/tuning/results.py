@@ -142,13 +142,18 @@ def top_distinct(table: pd.DataFrame, metric: str, param_names: list[str], k: in
     usable = usable_trials(table, metric)
     chosen, seen = [], set()
     for _, row in usable.iterrows():
-        key = tuple(sorted(params_of(row, param_names).items()))
+        key = configuration_key(row, param_names)
         if key not in seen:
             seen.add(key)
             chosen.append(row)
         if len(chosen) == k:
             break
     return chosen
+
+
+def configuration_key(row: pd.Series, param_names: list[str]) -> tuple:
+    """What makes two trials one configuration: their active parameters."""
+    return tuple(sorted(params_of(row, param_names).items()))
 
 
 def params_of(row: pd.Series, param_names: list[str]) -> dict:

@@ -26,8 +26,6 @@ from tuneprod.tuning.endings import FAILED_IN_EPOCH, FAILED_RESULT
 from tuneprod.tuning.results import describe
 
 STATE_FILE = re.compile(r"state_epoch(\d+)\.pt")  # a checkpoint's one file, named by the epochs it holds
-
-
 KEPT_SCORE = "kept_predictions_score"  # in the saved state: the metric the kept predictions scored
 
 
