@@ -1,7 +1,7 @@
 """Search efficiency: what early stopping saves, and what it costs, at equal num_samples and seeds.
 
     pip install -e ".[bench]"
-    python benchmarks/search_efficiency.py [--seeds 0,1,2] [--work search_bench]
+    python benchmarks/search_efficiency.py [--seeds 0,1,2] [--methods tpe+asha,tpe+asha_stopping] [--work search_bench]
 
 Data and space: the built-in demo set (generated) and search_spaces/demo.yaml, its max_epochs and num_samples, with
 the scheduler's defaults for the rest (grace period auto, reduction factor 3). Methods, each run with every seed:
@@ -104,13 +104,14 @@ def early_rank_correlation(experiments: list[Path]) -> pd.DataFrame:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", default="0,1,2")
+    parser.add_argument("--methods", default=",".join(METHODS), help="a subset of: " + ", ".join(METHODS))
     parser.add_argument("--work", type=Path, default=Path("search_bench"))
     args = parser.parse_args()
     seeds = [int(s) for s in args.seeds.split(",")]
     work = args.work.absolute()
     work.mkdir(parents=True, exist_ok=True)
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="ERROR")
-    results = {method: [run(method, seed, work) for seed in seeds] for method in METHODS}
+    results = {method: [run(method, seed, work) for seed in seeds] for method in args.methods.split(",")}
     ray.shutdown()
     report(results, seeds)
 
@@ -125,14 +126,21 @@ def report(results: dict, seeds: list[int]) -> None:
     for method, rows in results.items():
         print(f"{method:19s} {mean(rows, 'best_val'):9.3f} {mean(rows, 'test'):7.3f} {mean(rows, 'trial_epochs'):13.1f}"
               f" {mean(rows, 'trials_to_max'):7.1f} {mean(rows, 'search_s'):9.0f}")
+    for method, rows in results.items():  # paired by seed: the searcher's seed and the data are shared
+        for other, others in results.items():
+            if other < method:
+                wins = sum(a["best_val"] > b["best_val"] for a, b in zip(rows, others))
+                print(f"{method} finds the better best val than {other} in {wins} of {len(rows)} seeds")
+    if "random+fifo" not in results:
+        return
     correlation = early_rank_correlation([row["experiment"] for row in results["random+fifo"]])
     print("\nrank correlation with the trial's best val_acc (Spearman, FIFO runs):")
     print("epoch  " + "  ".join(f"{epoch:>5d}" for epoch in correlation.index))
     for key in ("val_acc", "val_loss"):
         print(f"{key:8s} " + "  ".join(f"{value:5.2f}" for value in correlation[key]))
     fifo = results["random+fifo"]
-    for method in ("tpe+asha_stopping", "tpe+asha_promotion", "tpe+asha"):  # the default last
-        rows = results[method]
+    for method in [m for m in ("tpe+asha_stopping", "tpe+asha_promotion", "tpe+asha") if m in results]:
+        rows = results[method]  # the default last
         ratio = mean(rows, "trial_epochs") / mean(fifo, "trial_epochs")
         gap = 100 * (mean(rows, "best_val") - mean(fifo, "best_val"))
         print(f"{method.split('+')[1]}-trial-epochs/fifo: {ratio:.2f}x  best-metric gap: {gap:+.1f} pts")

@@ -30,3 +30,11 @@ def test_the_core_and_the_final_stage_do_not_import_ray():
 
 def test_the_search_side_does():
     assert imports_ray(["tuneprod.tuning.final_tasks"]) and imports_ray(["tuneprod.tuning.tuner"])
+
+
+def test_the_onnx_predict_path_does_not_import_torch():
+    code = ("import tuneprod.cli, tuneprod.final.portable, tuneprod.final.predictions, sys; "
+            "print(sorted(m for m in ('torch', 'timm', 'ray') if m in sys.modules))")
+    check = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert check.returncode == 0, check.stderr
+    assert check.stdout.strip() == "[]"

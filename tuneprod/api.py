@@ -160,9 +160,23 @@ def predict(model: PathLike, images: PathLike, out: PathLike = "predictions.csv"
             tta: Optional[Sequence[str]] = None, batch_size: int = 64, progress: Callable[[str], None] = print):
     """Writes file,label,confidence and the top 5 for every image in a folder. `tta`: test-time views (flip,
     scale, crops; [] for none; default: as the model was saved). Returns a PredictionReport."""
+    if str(model).endswith(".onnx"):  # an exported model: onnxruntime, no torch
+        from tuneprod.final.portable import predict as run_portable
+
+        return run_portable(_model(model), Path(images), Path(out), tta=tta, batch_size=batch_size,
+                            progress=progress)
     from tuneprod.final.inference import predict as run_predict
 
     return run_predict(_model(model), Path(images), Path(out), tta=tta, batch_size=batch_size, progress=progress)
+
+
+def export(model: PathLike, out: Optional[PathLike] = None, tta: Optional[Sequence[str]] = None) -> Path:
+    """Writes a final/ folder as one ONNX file (default: model.onnx beside the folder) that takes uint8 RGB images
+    at the model's size and returns the ensemble's probabilities, with its test-time views (default: as saved)
+    and soft vote inside; labels.json beside it. `tuneprod predict model.onnx IMAGES` runs it."""
+    from tuneprod.final.export import export as run_export
+
+    return run_export(_model(model), None if out is None else Path(out), tta)
 
 
 def _model(location: PathLike) -> Path:

@@ -91,7 +91,8 @@ def _parser() -> argparse.ArgumentParser:
                                   description="Writes file,label,confidence,top5_labels,top5_confidences,error (a row "
                                               "without a label for an unreadable image); prints the "
                                               "accuracy when a test_labels.csv (file,label) sits beside the images.")
-    predict.add_argument("model", help="model folder, e.g. tuneprod_runs/demo/final, or its bucket folder")
+    predict.add_argument("model", help="model folder, e.g. tuneprod_runs/demo/final, or its bucket folder; or a "
+                                       "model.onnx from tuneprod export (run by onnxruntime, without torch)")
     predict.add_argument("images", type=Path, help="folder of images (searched recursively) or one image")
     predict.add_argument("--out", type=Path, default=Path("predictions.csv"), help="CSV to write (default: %(default)s)")
     predict.add_argument("--tta", type=_views, metavar="VIEWS",
@@ -99,6 +100,18 @@ def _parser() -> argparse.ArgumentParser:
                               "(default: as the model was saved)")
     predict.add_argument("--no-tta", dest="tta", action="store_const", const=(), help="same as --tta none")
     predict.add_argument("--batch-size", type=_positive_int, default=64, help="default: %(default)s")
+
+    export = commands.add_parser("export", help="write a final model as one ONNX file",
+                                 description="Writes the whole ensemble (normalisation, test-time views, softmax, the "
+                                             "soft vote, gallery scoring) as one ONNX graph: uint8 RGB images N x H x W "
+                                             "x 3 at the model's image size in, class probabilities out; class names, "
+                                             "image size and views in its metadata and in labels.json beside it. Needs "
+                                             "pip install 'tuneprod[export]'.")
+    export.add_argument("model", help="model folder, e.g. tuneprod_runs/demo/final, or its bucket folder")
+    export.add_argument("--out", type=Path, help="ONNX file to write (default: model.onnx beside the model folder)")
+    export.add_argument("--tta", type=_views, metavar="VIEWS",
+                        help="test-time views inside the graph, comma-separated from flip, scale, crops, or none "
+                             "(default: as the model was saved)")
 
     demo = commands.add_parser("demo-data", help="generate the synthetic product image set",
                                description="Writes DIR/train/<class>/*.png (views from 0 and 30 degrees elevation) and "
@@ -133,6 +146,8 @@ def _run(args: argparse.Namespace) -> None:
         print(f"predict: {report.images} predictions written to {report.out}")
         if report.accuracy is not None:
             print(f"predict: accuracy {report.summary()} against test_labels.csv")
+    elif args.command == "export":
+        print(f"export: written to {api.export(args.model, args.out, tta=args.tta)}")
     else:
         summary = api.demo_data(args.out_dir, classes=args.classes, train_per_class=args.train_per_class,
                                 test_per_class=args.test_per_class, size=args.size, seed=args.seed)

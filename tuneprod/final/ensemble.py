@@ -30,7 +30,7 @@ def view_count(views: Sequence[str]) -> int:
 
 def _zoom(images: torch.Tensor, x: float, y: float) -> torch.Tensor:
     """A crop of ZOOM x the side, placed at relative position (x, y) (0: left/top, 1: right/bottom), resized back."""
-    height, width = images.shape[-2:]
+    height, width = (int(side) for side in images.shape[-2:])  # fixed sides: constants in an exported graph
     crop_h, crop_w = round(height * ZOOM), round(width * ZOOM)
     top, left = round((height - crop_h) * y), round((width - crop_w) * x)
     crop = images[..., top:top + crop_h, left:left + crop_w]

@@ -22,7 +22,8 @@ from safetensors.torch import load_file
 
 from tuneprod.final import artifact
 from tuneprod.final.ensemble import soup
-from tuneprod.final.inference import PredictionReport, Scorer, predict, score_images
+from tuneprod.final.inference import Scorer, predict, score_images
+from tuneprod.final.predictions import PredictionReport
 from tuneprod.final.selection import KEPT_PREDICTIONS, Selection, greedy_selection, share_out
 from tuneprod.spec import EXPERIMENT_SPEC, Hyperparams, Spec, TrialConfig, UserError, is_uri, load_spec
 from tuneprod.storage import RemoteFolder

@@ -13,7 +13,6 @@ from typing import Optional, Sequence
 
 import cv2
 import numpy as np
-import torch
 from PIL import Image, ImageOps
 
 from tuneprod.spec import Spec, UserError
@@ -332,17 +331,3 @@ def read_test_labels(folder: Path) -> Optional[dict[str, str]]:
     if not {"file", "label"} <= set(truth.columns):
         raise DataError(f"{labels_file}: must have columns file,label")
     return dict(zip(truth["file"], truth["label"]))
-
-
-class ResizedImages(torch.utils.data.Dataset):
-    """Image files as decode_resized gives them (size x size x 3 uint8), for prediction."""
-
-    def __init__(self, paths: Sequence[Path], size: int):
-        self.paths, self.size = paths, size
-
-    def __len__(self) -> int:
-        return len(self.paths)
-
-    def __getitem__(self, index: int) -> torch.Tensor:
-        # A copy: an image already at the size comes back as PIL's read-only buffer, which torch will not wrap.
-        return torch.from_numpy(decode_resized(self.paths[index], self.size).copy())

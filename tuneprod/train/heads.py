@@ -67,7 +67,7 @@ class CosineHead(nn.Module):
         """Unit embeddings (B x dim) to cosines (B x classes), in float32 (see full_precision)."""
         with full_precision(embeddings):
             cosines = embeddings.float() @ F.normalize(self.weight.float(), dim=1).T
-        return cosines.view(len(embeddings), self.num_classes, self.subcenters).amax(2)
+        return cosines.view(-1, self.num_classes, self.subcenters).amax(2)  # -1: any batch in an exported graph
 
     def forward(self, embeddings: torch.Tensor, targets: Optional[torch.Tensor] = None) -> torch.Tensor:
         cosines = self.cosines(embeddings)
@@ -95,17 +95,25 @@ def gallery_scores(embeddings: torch.Tensor, gallery: torch.Tensor, labels: torc
     knn: the k most similar gallery images (all of them when k exceeds the gallery) vote with their similarity;
     a class scores the sum of its votes divided by k (0 without a vote). centroid: the cosine to the class's mean
     gallery embedding (-1 for a class with no gallery image). Ties go to the lower class index (argmax)."""
+    if rule == "centroid":
+        return centroid_scores(embeddings, *class_centroids(gallery, labels, num_classes))
     with full_precision(embeddings):
         similarities = embeddings.float() @ gallery.float().T
-    if rule == "knn":
-        top = similarities.topk(min(k, len(gallery)), dim=1)
-        votes = torch.zeros(len(embeddings), num_classes, device=embeddings.device, dtype=similarities.dtype)
-        return votes.scatter_add_(1, labels[top.indices], top.values) / top.values.shape[1]
+    top = similarities.topk(min(k, len(gallery)), dim=1)
+    votes = similarities.new_zeros(similarities.shape[0], num_classes)  # shape[0]: any batch in an exported graph
+    return votes.scatter_add_(1, labels[top.indices], top.values) / top.values.shape[1]
+
+
+def class_centroids(gallery: torch.Tensor, labels: torch.Tensor, num_classes: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each class's mean gallery embedding at unit length (classes x dim), and which classes have one."""
     sums = torch.zeros(num_classes, gallery.shape[1], device=gallery.device, dtype=gallery.dtype)
     sums.index_add_(0, labels, gallery)
-    present = torch.bincount(labels, minlength=num_classes) > 0
+    return F.normalize(sums.float(), dim=1), torch.bincount(labels, minlength=num_classes) > 0
+
+
+def centroid_scores(embeddings: torch.Tensor, centroids: torch.Tensor, present: torch.Tensor) -> torch.Tensor:
     with full_precision(embeddings):
-        scores = embeddings.float() @ F.normalize(sums.float(), dim=1).T
+        scores = embeddings.float() @ centroids.T
     return torch.where(present, scores, torch.full_like(scores, -1.0))
 
 
@@ -151,10 +159,13 @@ class HeadedModel(nn.Module):
         embeddings = self.embed(images)
         if self.training or not self.needs_gallery or len(self.gallery) == 0:
             return self.head(embeddings, targets if self.training else None)
-        cosines = self.head.cosines(embeddings)
         scores = gallery_scores(embeddings, self.gallery.float(), self.gallery_labels, self.num_classes,
                                 self.predict_by, self.knn_k)
-        return self.head.scale * ((1 - self.fusion) * scores + self.fusion * cosines)
+        return self.fused(embeddings, scores)
+
+    def fused(self, embeddings: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        """The logits of a prediction by gallery: its scores, fused with the head's own cosines."""
+        return self.head.scale * ((1 - self.fusion) * scores + self.fusion * self.head.cosines(embeddings))
 
     @torch.no_grad()
     def set_gallery(self, batches: Iterable) -> None:
