@@ -145,3 +145,10 @@ def test_a_method_names_its_reduction_factor_and_grace_period():
     assert verdict.make_scheduler("tpe+asha:rf=2:grace=1", recorded).rungs.milestones == (1, 2, 4, 8, 16)
     with pytest.raises(ValueError, match="unknown scheduler"):
         verdict.make_scheduler("tpe+median", recorded)
+
+
+def test_tpe_tries_every_configuration_once_before_any_twice():
+    table = [{"backbone": "resnet10t", "lr": 10 ** (-4 + n / 4), "optimizer": "adamw"} for n in range(6)]
+    searcher = verdict.TPETable(hand_made([[0.1]] * 6, params=table), seed=0)
+    proposed = [searcher.propose(verdict.ReplayedTrial(n, -1, 0)) for n in range(8)]
+    assert sorted(proposed[:6]) == list(range(6)) and all(0 <= c < 6 for c in proposed[6:])

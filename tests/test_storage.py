@@ -274,3 +274,17 @@ def test_a_trial_in_a_bucket_goes_on_from_its_furthest_state_whose_epochs_the_dr
     assert bucket_resume_state(fs, path, None) == again
     recorded(1, 2, 3, 4, 5)
     assert bucket_resume_state(fs, path, None) == f"{s3.BUCKET}/{trial}/checkpoint_000003/{state_file(5)}"
+
+
+def test_a_checkpoint_an_older_tuneprod_saved_is_resumed_from(tmp_path):
+    import pyarrow.fs
+
+    from tuneprod.tuning.trainable import UNNAMED_STATE, named_state, state_file
+
+    fs, checkpoint = pyarrow.fs.LocalFileSystem(), tmp_path / "checkpoint_000003"
+    checkpoint.mkdir()
+    assert named_state(fs, str(checkpoint)) is None  # nothing saved: from scratch
+    (checkpoint / UNNAMED_STATE).write_bytes(b"old")
+    assert named_state(fs, str(checkpoint)) == f"{checkpoint}/{UNNAMED_STATE}"
+    (checkpoint / state_file(3)).write_bytes(b"new")
+    assert named_state(fs, str(checkpoint)) == f"{checkpoint}/{state_file(3)}"

@@ -26,6 +26,7 @@ from tuneprod.tuning.endings import FAILED_IN_EPOCH, FAILED_RESULT
 from tuneprod.tuning.results import describe
 
 STATE_FILE = re.compile(r"state_epoch(\d+)\.pt")  # a checkpoint's one file, named by the epochs it holds
+UNNAMED_STATE = "state.pt"  # the file of a checkpoint saved by a tuneprod before states were named by epoch
 KEPT_SCORE = "kept_predictions_score"  # in the saved state: the metric the kept predictions scored
 
 
@@ -112,13 +113,23 @@ def resume_state() -> Optional[io.BytesIO]:
     fs = storage.storage_filesystem
     if isinstance(fs, pyarrow.fs.LocalFileSystem):
         # The checkpoint Ray names is whole; a newer folder beside it may be a copy cut short.
-        path = furthest_state(fs, named.path, math.inf, checkpoint_folders=False) if named else None
+        path = named_state(fs, named.path) if named else None
     else:
         path = bucket_resume_state(fs, storage.trial_fs_path, named.path if named else None)
     if path is None:
         return None
     with fs.open_input_stream(path) as stream:
         return io.BytesIO(stream.readall())
+
+
+def named_state(fs: pyarrow.fs.FileSystem, checkpoint: str) -> Optional[str]:
+    """The state in the checkpoint folder Ray names: its furthest, or the one unnamed file of a checkpoint that an
+    older tuneprod saved (so that a search it started resumes its trials rather than restarting them)."""
+    found = furthest_state(fs, checkpoint, math.inf, checkpoint_folders=False)
+    unnamed = f"{checkpoint.rstrip('/')}/{UNNAMED_STATE}"
+    if found is None and fs.get_file_info(unnamed).type == pyarrow.fs.FileType.File:
+        return unnamed
+    return found
 
 
 def bucket_resume_state(fs: pyarrow.fs.FileSystem, trial: str, named: Optional[str]) -> Optional[str]:
