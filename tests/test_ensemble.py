@@ -69,3 +69,10 @@ def test_view_probabilities_average_softmax_over_views():
                                            (("flip", "scale", "crops"), 12)])
 def test_view_count_is_the_number_of_forward_passes_per_image(views, passes):
     assert view_count(views) == passes
+
+
+def test_a_weighted_vote_stays_in_full_precision_under_autocast():
+    probabilities = [torch.tensor([[0.6, 0.4]]), torch.tensor([[0.1, 0.9]])]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        vote = soft_vote(probabilities, [3, 1])
+    assert vote.dtype == torch.float32 and torch.allclose(vote, torch.tensor([[0.475, 0.525]]))

@@ -46,11 +46,12 @@ def view_probabilities(model: torch.nn.Module, images: torch.Tensor, views: Sequ
 def soft_vote(probabilities: Sequence[torch.Tensor], weights: Optional[Sequence[float]] = None) -> torch.Tensor:
     """The members' probabilities averaged, each by its weight (equal when none are given), however confident it
     is: a weighted average of probabilities stays a probability."""
-    stacked = torch.stack(list(probabilities))
+    stacked = torch.stack(list(probabilities)).float()
     if weights is None:
         return stacked.mean(0)
     shares = torch.tensor(weights, dtype=stacked.dtype, device=stacked.device)
-    return torch.einsum("m,m...->...", shares / shares.sum(), stacked)
+    # A product and a sum, not einsum: autocast would run einsum in half precision.
+    return (stacked * (shares / shares.sum()).view(-1, *[1] * (stacked.ndim - 1))).sum(0)
 
 
 def soup(states: Sequence[dict]) -> dict:

@@ -20,9 +20,10 @@ from tuneprod.files import atomic_write
 from tuneprod.final import artifact
 from tuneprod.final.ensemble import view_probabilities
 from tuneprod.final.portable import ONNX_FORMAT
+from tuneprod.spec import TTA_VIEWS
 from tuneprod.train.heads import HeadedModel, centroid_scores, class_centroids, gallery_scores
 
-OPSET = 18  # ScatterElements with add (the kNN vote); onnxruntime 1.16 and later
+OPSET = 18  # the kNN vote's ScatterElements with add needs 16; onnxruntime has run 18 since 1.14
 INPUT, OUTPUT = "images", "probabilities"
 
 
@@ -84,6 +85,9 @@ def export(model_dir: Path, out: Optional[Path] = None, tta: Optional[Sequence[s
     model_dir = Path(model_dir)
     ensemble = artifact.load(model_dir, torch.device("cpu"))
     if tta is not None:
+        if not set(tta) <= set(TTA_VIEWS):
+            raise artifact.ArtifactError(f"--tta: the value is {','.join(tta)}, but must be views from "
+                                         f"{', '.join(TTA_VIEWS)}")
         ensemble = dataclasses.replace(ensemble, tta=tuple(tta))
     out = Path(out) if out is not None else model_dir.parent / "model.onnx"
     if out.suffix != ".onnx":

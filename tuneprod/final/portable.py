@@ -53,12 +53,13 @@ def load(path: Path, threads: Optional[int] = None) -> PortableModel:
         session = onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
     except Exception as exc:  # onnxruntime raises its own kinds for a damaged or foreign file
         raise PortableModelError(f"{path}: cannot load it as an ONNX model ({str(exc).splitlines()[0]})") from None
-    metadata = {key: json.loads(value) for key, value in session.get_modelmeta().custom_metadata_map.items()}
-    if metadata.get("format") != ONNX_FORMAT:
+    metadata = session.get_modelmeta().custom_metadata_map
+    if metadata.get("format") != json.dumps(ONNX_FORMAT):
         raise PortableModelError(f"{path}: format is {metadata.get('format')!r}, but must be {ONNX_FORMAT!r} "
                                  f"(a file written by tuneprod export)")
-    return PortableModel(Path(path), session, tuple(metadata["classes"]), int(metadata["image_size"]),
-                         tuple(metadata["tta"]))
+    described = {key: json.loads(metadata[key]) for key in ("classes", "image_size", "tta")}
+    return PortableModel(Path(path), session, tuple(described["classes"]), int(described["image_size"]),
+                         tuple(described["tta"]))
 
 
 def predict(model_path: Path, images: Path, out: Path, tta: Optional[Sequence[str]] = None, batch_size: int = 64,
@@ -66,7 +67,7 @@ def predict(model_path: Path, images: Path, out: Path, tta: Optional[Sequence[st
     """Writes the predictions CSV for a folder of images (or one image), scored against a test_labels.csv beside
     them when there is one. The test-time views are the ones exported; `tta` may only repeat them."""
     model = load(Path(model_path))
-    if tta is not None and tuple(tta) != model.tta:
+    if tta is not None and set(tta) != set(model.tta):  # the views' order is fixed by the graph
         raise PortableModelError(f"--tta: the value is {','.join(tta) or 'none'}, but {model_path} was exported "
                                  f"with {','.join(model.tta) or 'none'}; export again with --tta to change the views")
     root, paths = image_paths(Path(images))

@@ -47,8 +47,9 @@ def write_predictions(out: Path, root: Path, paths: Sequence[Path], unreadable: 
                       classes: Sequence[str], truth: Optional[dict[str, str]],
                       member_labels: Optional[dict[str, list[int]]] = None, images: Optional[Path] = None
                       ) -> PredictionReport:
-    """Writes the CSV (atomically): a row for every image asked about, in order, the unreadable ones (positions in
-    `paths`) with no label; `votes`: the readable ones' probabilities (images x classes). Scored when `truth`."""
+    """Writes the CSV (atomically): a row for every image asked about, the readable ones in order, then the
+    unreadable ones (positions in `paths`) with no label; `votes`: the readable ones' probabilities (images x
+    classes). Scored when `truth`."""
     warn_unreadable([paths[i] for i in unreadable])
     skipped = set(unreadable)
     files = [p.relative_to(root).as_posix() for i, p in enumerate(paths) if i not in skipped]
