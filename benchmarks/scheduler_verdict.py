@@ -13,7 +13,9 @@ The replay (syne-tune's simulator backend, on curves recorded by benchmarks/curv
 - Schedulers, through their real decision code with a stub of Ray's controller: tuneprod's `asha` and
   `asha_promotion` (PromotingASHA, i.e. `Rungs`), Ray's ASHAScheduler (`asha_stopping`) and HyperBandScheduler,
   and FIFO; max_epochs is the recorded horizon, grace_period the search's `auto` rule, reduction factor 3.
-- The budget: the simulated time in which random+FIFO runs --budget-trials whole trials.
+- The budget: the simulated time in which random+FIFO runs --budget-trials whole trials. Starting a trial and
+  resuming one from a pause cost nothing unless --start-s says what they cost (a process started, a checkpoint
+  loaded: seconds on a CPU, against epochs of minutes on a real set).
 - Paired seeds: for one seed, every method draws the same configuration order, training seeds and sampler seed.
 
 Metrics, per set: the normalised regret of the configuration a method hands over (the best val_acc reported so
@@ -28,6 +30,7 @@ from __future__ import annotations
 import argparse
 import heapq
 import itertools
+import logging
 import multiprocessing
 import sys
 import time
@@ -219,8 +222,10 @@ class Replay:
     """The part of Ray's TuneController the schedulers call, on a simulated clock."""
 
     def __init__(self, recorded: RecordedSet, scheduler: TrialScheduler, searcher, workers: int,
-                 training_seeds: np.ndarray):
+                 training_seeds: np.ndarray, start_s: float = 0.0):
+        """`start_s`: what starting a trial's process costs, at its start and at every resume from a pause."""
         self.recorded, self.scheduler, self.searcher = recorded, scheduler, searcher
+        self.start_s = start_s
         self.workers, self.training_seeds = workers, training_seeds
         self.trials: list[ReplayedTrial] = []
         self.search_alg = NeverFinished()
@@ -272,7 +277,7 @@ class Replay:
             if trial is None:
                 return
             trial.status = Trial.RUNNING
-            self._start_epoch(trial)
+            self._start_epoch(trial, self.start_s)
 
     def _add_trial(self) -> None:
         trial = ReplayedTrial(len(self.trials), -1, int(self.training_seeds[len(self.trials)]))
@@ -280,8 +285,8 @@ class Replay:
         self.trials.append(trial)
         self.scheduler.on_trial_add(self, trial)
 
-    def _start_epoch(self, trial: ReplayedTrial) -> None:
-        seconds = self.recorded.seconds[trial.configuration, trial.seed, trial.epoch]
+    def _start_epoch(self, trial: ReplayedTrial, extra_s: float = 0.0) -> None:
+        seconds = self.recorded.seconds[trial.configuration, trial.seed, trial.epoch] + extra_s
         heapq.heappush(self.queue, (self.now + seconds, next(self.sequence), trial.generation, trial))
 
     def _epoch_done(self, trial: ReplayedTrial) -> None:
@@ -337,14 +342,16 @@ def make_scheduler(method: str, recorded: RecordedSet) -> TrialScheduler:
     raise ValueError(f"unknown scheduler in {method!r}")
 
 
-def replay(recorded: RecordedSet, method: str, seed: int, workers: int, budget_s: float) -> np.ndarray:
+def replay(recorded: RecordedSet, method: str, seed: int, workers: int, budget_s: float,
+           start_s: float = 0.0) -> np.ndarray:
     """One paired seed of one method: its regret at each of GRID + 1 points in [0, budget]."""
     searcher_kind = method.split("+")[0]
     streams = np.random.default_rng([seed, zlib.crc32(recorded.name.encode())])
     order_rng, seeds_rng = np.random.default_rng(streams.integers(2 ** 32)), streams.integers(2 ** 32)
     training_seeds = np.random.default_rng(seeds_rng).integers(recorded.accuracy.shape[1], size=100_000)
     searcher = RandomTable(recorded, order_rng) if searcher_kind == "random" else TPETable(recorded, seed)
-    handed = Replay(recorded, make_scheduler(method, recorded), searcher, workers, training_seeds).run(budget_s)
+    handed = Replay(recorded, make_scheduler(method, recorded), searcher, workers, training_seeds,
+                    start_s).run(budget_s)
     times = np.array([t for t, _ in handed])
     regrets = np.array([recorded.regret(c) for _, c in handed])
     grid = np.linspace(0, budget_s, GRID + 1)
@@ -359,14 +366,15 @@ def budget_for(recorded: RecordedSet, workers: int, trials: int) -> float:
 # ---------------------------------------------------------------------------------------------------- the verdict
 def _replay_job(job: tuple) -> tuple:
     warnings.filterwarnings("ignore")
-    recorded, method, seed, workers, budget = job
-    return recorded.name, method, seed, replay(recorded, method, seed, workers, budget)
+    logging.getLogger("ray.tune.schedulers").setLevel(logging.WARNING)  # HyperBand logs each bracket it skips
+    recorded, method, seed, workers, budget, start_s = job
+    return recorded.name, method, seed, replay(recorded, method, seed, workers, budget, start_s)
 
 
 def run_all(sets: list[RecordedSet], methods: list[str], seeds: int, workers: int, budget_trials: int,
-            processes: int) -> dict:
+            processes: int, start_s: float = 0.0) -> dict:
     """{set: {method: seeds x grid regrets}}."""
-    jobs = [(recorded, method, seed, workers, budget_for(recorded, workers, budget_trials))
+    jobs = [(recorded, method, seed, workers, budget_for(recorded, workers, budget_trials), start_s)
             for recorded in sets for method in methods for seed in range(seeds)]
     results: dict = {r.name: {m: np.zeros((seeds, GRID + 1)) for m in methods} for r in sets}
     if processes > 1:
@@ -450,11 +458,14 @@ def main() -> None:
     parser.add_argument("--sets", default=None, help="comma-separated; default: every recorded set")
     parser.add_argument("--methods", default=",".join(f"{a}+{b}" for a in SEARCHERS for b in SCHEDULERS))
     parser.add_argument("--processes", type=int, default=2)
+    parser.add_argument("--start-s", type=float, default=0.0,
+                        help="seconds a trial's start and every resume from a pause cost (default: none)")
     parser.add_argument("--curves", type=Path, default=CURVES)
     args = parser.parse_args()
     sets = load_sets(args.curves, args.sets.split(",") if args.sets else None)
     started = time.perf_counter()
-    results = run_all(sets, args.methods.split(","), args.seeds, args.workers, args.budget_trials, args.processes)
+    results = run_all(sets, args.methods.split(","), args.seeds, args.workers, args.budget_trials, args.processes,
+                      args.start_s)
     print_verdict(sets, verdict(sets, results), args.seeds, args.workers, args.budget_trials)
     print(f"({time.perf_counter() - started:.0f} s)")
 
