@@ -18,7 +18,7 @@ from torch import nn
 
 from tuneprod.files import atomic_write
 from tuneprod.final import artifact
-from tuneprod.final.ensemble import view_probabilities
+from tuneprod.final.ensemble import soft_vote, view_probabilities
 from tuneprod.final.portable import ONNX_FORMAT
 from tuneprod.spec import TTA_VIEWS
 from tuneprod.train.heads import HeadedModel, centroid_scores, class_centroids, gallery_scores
@@ -59,18 +59,12 @@ class PortableEnsemble(nn.Module):
         self.models = nn.ModuleList(exportable(member.model) for member in members)
         self.register_buffer("means", torch.tensor([m.preprocessing["mean"] for m in members]).view(-1, 1, 3, 1, 1))
         self.register_buffer("stds", torch.tensor([m.preprocessing["std"] for m in members]).view(-1, 1, 3, 1, 1))
-        weights = torch.tensor(ensemble.weights or [1.0] * len(members))
-        self.register_buffer("weights", weights / weights.sum())
-        self.views = ensemble.tta
+        self.weights, self.views = ensemble.weights, ensemble.tta
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         pixels = images.permute(0, 3, 1, 2).float() / 255
-        vote = None
-        for number, model in enumerate(self.models):
-            normalised = (pixels - self.means[number]) / self.stds[number]
-            share = self.weights[number] * view_probabilities(model, normalised, self.views)
-            vote = share if vote is None else vote + share
-        return vote
+        return soft_vote([view_probabilities(model, (pixels - mean) / std, self.views)
+                          for model, mean, std in zip(self.models, self.means, self.stds)], self.weights)
 
 
 def exportable(model: nn.Module) -> nn.Module:
@@ -92,10 +86,11 @@ def export(model_dir: Path, out: Optional[Path] = None, tta: Optional[Sequence[s
     out = Path(out) if out is not None else model_dir.parent / "model.onnx"
     if out.suffix != ".onnx":
         raise artifact.ArtifactError(f"--out: the value is {str(out)!r}, but must end in .onnx")
+    import onnx.helper
+
     graph = to_onnx(ensemble)
     metadata = describe(ensemble)
-    graph.metadata_props.extend(_entry(key, json.dumps(value)) for key, value in metadata.items())
-    out.parent.mkdir(parents=True, exist_ok=True)
+    onnx.helper.set_model_props(graph, {key: json.dumps(value) for key, value in metadata.items()})
     atomic_write(out, lambda path: Path(path).write_bytes(graph.SerializeToString()))
     atomic_write(out.with_name("labels.json"), lambda path: Path(path).write_text(json.dumps(metadata, indent=2)))
     return out
@@ -143,10 +138,3 @@ def _reason(exc: Exception) -> str:
     lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
     return lines[0] if lines else type(exc).__name__
 
-
-def _entry(key: str, value: str):
-    import onnx
-
-    entry = onnx.StringStringEntryProto()
-    entry.key, entry.value = key, value
-    return entry
