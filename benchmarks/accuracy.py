@@ -33,14 +33,17 @@ scored alone with the mirror as its test-time view, against that configuration a
 data, same epochs. The choices take the literature's usual values, not values tuned here.
 --rows space: the same search with every one of those choices searchable too (cpu.yaml's space extended), against
 cpu.yaml as shipped, at the same budget.
---rows select: one search per set (its trials cut in time for cpu.yaml's final stage), then three final stages on
-it: final.select top or greedy (ensemble selection over the trials' validation predictions), final.members 2 or
-auto (as many as train at once, shared out by the selection's votes); each row's wall time is the search's plus its
-own final stage and predictions. And (d) the hand recipe: the contest winners' recipe (RECIPE: AdamW, warm-up then
-cosine to 1e-3, shift-scale-rotate, mixup/cutmix, label smoothing 0.1, dropout 0.2, 15 epochs) on all labelled
-images, as many seeds one after another as fit in the wall time of `greedy, auto`, soft-voted with cpu.yaml's
-test-time views. Ends with `greedy/top: +X.X pts  worst set: +Y.Y pts  final/recipe: +Z.Z pts` (greedy, auto
-against top, 2 members: the mean and the least gain over the sets; against (d): the mean).
+--rows select: one search per set (its trials cut in time for one round of members: two, side by side), then three
+final stages on it: final.select top or greedy (ensemble selection over the trials' validation predictions),
+final.members 2 or auto (as many as fit in the time the search left, at most two configurations, shared out by the
+selection's votes); each row's wall time is the search's plus its own final stage and predictions. Then, for each
+--shares S, a whole run of cpu.yaml with select greedy, members auto and final.time_share S: its trials end when
+S of the budget is left, and the final stage trains as many members as fit in it (ending the trials earlier for
+more members). And (d) the hand recipe: the contest winners' recipe (RECIPE: AdamW, warm-up then cosine to 1e-3,
+shift-scale-rotate, mixup/cutmix, label smoothing 0.1, dropout 0.2, 15 epochs) on all labelled images, as many
+seeds one after another as fit in the wall time of the first share's run, soft-voted with cpu.yaml's test-time
+views. Ends with `greedy/top: +X.X pts  worst set: +Y.Y pts  final/recipe: +Z.Z pts` (the first share's run against
+top, 2 members: the mean and the least gain over the sets; against (d): the mean).
 """
 from __future__ import annotations
 
@@ -96,10 +99,8 @@ RECIPE = Hyperparams(backbone=BACKBONE, pretrained=True, optimizer="adamw", lr=1
 RECIPE_EPOCHS = 15
 # --rows select: final stages on one search (trials cut in time for a final stage of two members side by side).
 TODAY = "top, 2 members"
-NEW_DEFAULT = "greedy, auto"
-# (`top, auto` is not a row: on 2 cores it trains the same 2 members as `top, 2 members`.)
 SELECT_VARIANTS = {TODAY: {"select": "top", "members": 2}, "greedy, 2 members": {"select": "greedy", "members": 2},
-                   NEW_DEFAULT: {"select": "greedy", "members": "auto"}}
+                   "greedy, auto": {"select": "greedy", "members": "auto"}}
 AS_SEARCHED = "as searched"
 # --rows space: cpu.yaml's space with every choice searchable, against cpu.yaml as shipped, at the same budget.
 SEARCHED_CHOICES = {
@@ -203,10 +204,13 @@ def seed_recipe(folder: Path, work: Path, budget: float) -> dict:
             "note": f"{run.epoch} of {epochs} epochs"}
 
 
-def write_space(name: str, folder: Path, work: Path, budget: float, extra_space: dict | None = None) -> Path:
-    """cpu.yaml pointed at the set, with the budget; `extra_space`: entries added to (or replacing) its space."""
+def write_space(name: str, folder: Path, work: Path, budget: float, extra_space: dict | None = None,
+                final: dict | None = None) -> Path:
+    """cpu.yaml pointed at the set, with the budget; `extra_space`: entries added to (or replacing) its space;
+    `final`: entries replacing its final section's."""
     raw = yaml.safe_load((ROOT / "search_spaces" / "cpu.yaml").read_text())
     raw["space"].update(extra_space or {})
+    raw["final"].update(final or {})
     raw["data"] = {"train": str(folder / ("train.csv" if name == "demo" else "train")), "test": str(folder / "test"),
                    "val_fraction": 0.2, "image_size": SIZE}
     if name == "demo":  # its manifest has each photo's elevation: validate on an unseen one
@@ -214,31 +218,53 @@ def write_space(name: str, folder: Path, work: Path, budget: float, extra_space:
     raw["search"]["time_budget_s"] = budget
     raw["search"]["num_samples"] = 200
     raw["storage"] = str((work / "runs").absolute())
-    space = work / f"{name}{'_choices' if extra_space else ''}.yaml"
+    space = work / f"{name}{'_choices' if extra_space else ''}{'_final' if final else ''}.yaml"
     space.write_text(yaml.safe_dump(raw, sort_keys=False))
     return space
 
 
-def select_rows(name: str, folder: Path, work: Path, budget: float) -> dict:
-    """--rows select: one search whose trials end in time for a final stage of two members side by side (as
-    cpu.yaml plans it), then each final stage of SELECT_VARIANTS on it, then (d) for the new default's whole wall
-    time. Each row's wall time: the search's plus its own final stage and predictions."""
+def select_rows(name: str, folder: Path, work: Path, budget: float, shares: list[float]) -> dict:
+    """--rows select: one search whose trials end in time for one round of members (two, side by side), then each
+    final stage of SELECT_VARIANTS on it; then a whole run per final.time_share in `shares`; then (d) for the first
+    of those runs' wall time. Each row's wall time: the whole run's (search, final stage, predictions)."""
+    import tuneprod
     from tuneprod.spec import load_spec
     from tuneprod.tuning.tuner import run_search
 
     started = time.perf_counter()
-    outcome = run_search(load_spec(write_space(name, folder, work, budget)), progress=lambda line: print(line, flush=True),
-                         final=True)
+    space = write_space(name, folder, work, budget, final={"members": "auto"})  # the cut of one round: two members
+    outcome = run_search(load_spec(space), progress=lambda line: print(line, flush=True), final=True)
     search_s = time.perf_counter() - started
     rows = {}
     for label, final in SELECT_VARIANTS.items():
-        variant = final_variant(outcome.experiment_dir, folder, work, final)
+        variant = final_variant(outcome.experiment_dir, folder, work, final, outcome.final_members)
         rows[label] = {**variant, "wall_s": search_s + variant["final_s"]}
         print(f"accuracy: {name}: {label}: {rows[label]}", flush=True)
+    for share in shares:
+        space = write_space(name, folder, work, budget, final={"select": "greedy", "members": "auto",
+                                                                "time_share": share})
+        started = time.perf_counter()
+        run = tuneprod.search(space, progress=lambda line: print(line, flush=True))
+        wall = time.perf_counter() - started
+        rows[share_label(share)] = {"test_acc": scored(run.experiment_dir / "predictions.csv", folder),
+                                    "wall_s": wall, **member_counts(run.experiment_dir / "final")}
+        print(f"accuracy: {name}: {share_label(share)}: {rows[share_label(share)]}", flush=True)
     views = tuple(yaml.safe_load((ROOT / "search_spaces" / "cpu.yaml").read_text())["final"]["tta"])
-    rows["(d) recipe"] = hand_recipe(folder, work, rows[NEW_DEFAULT]["wall_s"], views)
+    rows["(d) recipe"] = hand_recipe(folder, work, rows[share_label(shares[0])]["wall_s"], views)
     print(f"accuracy: {name}: (d) recipe: {rows['(d) recipe']}", flush=True)
     return rows
+
+
+def share_label(share: float) -> str:
+    return f"greedy, auto, share {share:g}"
+
+
+def member_counts(final: Path) -> dict:
+    """A final model's members and the distinct trials they came from."""
+    members = json.loads((final / "ensemble.json").read_text())["members"]
+    return {"members": len(members),
+            "configurations": len({json.loads((final / m / "model.json").read_text())["source_trial"]
+                                   for m in members})}
 
 
 def tuneprod_search(name: str, folder: Path, work: Path, budget: float, variants: bool = True,
@@ -302,9 +328,10 @@ def seeds_variant(experiment: Path, folder: Path, work: Path) -> dict:
             "final_stage_s": variant["final_s"]}
 
 
-def final_variant(experiment: Path, folder: Path, work: Path, final: dict) -> dict:
+def final_variant(experiment: Path, folder: Path, work: Path, final: dict, auto_members: int | None = None) -> dict:
     """A final stage on a copy of a finished search (its table, its spec with `final` changed, and the trials' kept
-    validation predictions), then its predictions: test accuracy and the seconds it took."""
+    validation predictions), then its predictions: test accuracy and the seconds it took. `auto_members`: what
+    final.members auto trains (as the search counted what fits in the time it left)."""
     from tuneprod.final.selection import KEPT_PREDICTIONS
     from tuneprod.tuning.final_tasks import retrain_and_predict
 
@@ -320,13 +347,11 @@ def final_variant(experiment: Path, folder: Path, work: Path, final: dict) -> di
     spec["final"].update(final)
     (copy / "search_space.yaml").write_text(yaml.safe_dump(spec, sort_keys=False))
     started = time.perf_counter()
-    retrain_and_predict(copy, progress=lambda line: print(line, flush=True) if line.startswith("final: ") else None)
+    retrain_and_predict(copy, progress=lambda line: print(line, flush=True) if line.startswith("final: ") else None,
+                        auto_members=auto_members)
     final_s = time.perf_counter() - started
-    ensemble = json.loads((copy / "final" / "ensemble.json").read_text())
     return {"test_acc": scored(copy / "predictions.csv", folder), "final_s": final_s, "final": copy / "final",
-            "members": len(ensemble["members"]),
-            "configurations": len({json.loads((copy / "final" / m / "model.json").read_text())["source_trial"]
-                                   for m in ensemble["members"]})}
+            **member_counts(copy / "final")}
 
 
 def scored(predictions: Path, folder: Path) -> float:
@@ -389,6 +414,9 @@ def main() -> None:
                         help="cpu.yaml's time_budget_s per set, the whole run (default: 320)")
     parser.add_argument("--sets", default="demo,fashion,digits")
     parser.add_argument("--work", type=Path, default=Path("accuracy_bench"))
+    parser.add_argument("--shares", default="0.5",
+                        help="--rows select: final.time_share of each whole run with greedy, auto members; the first "
+                             "is the candidate default, against which (d) and the summary line are measured")
     parser.add_argument("--rows", default="methods,choices",
                         help="methods: (a)/(b)/(c) and their variants; choices: the fine-tuning choices on the best "
                              "configuration; space: cpu.yaml with every choice searchable vs as shipped; select: "
@@ -396,6 +424,7 @@ def main() -> None:
                              "(default: methods,choices)")
     args = parser.parse_args()
     rows = set(args.rows.split(","))
+    shares = [float(share) for share in args.shares.split(",")]
     import ray
 
     os.environ.setdefault("TUNEPROD_CACHE", str((args.work / "cache").absolute()))
@@ -410,7 +439,7 @@ def main() -> None:
         shutil.rmtree(work, ignore_errors=True)
         work.mkdir(parents=True)
         if "select" in rows:
-            selects[name] = select_rows(name, folder, work, args.search_budget)
+            selects[name] = select_rows(name, folder, work, args.search_budget, shares)
         if not rows & {"methods", "choices", "space"}:
             continue
         searched = tuneprod_search(name, folder, work, args.search_budget, variants="methods" in rows)
@@ -429,7 +458,7 @@ def main() -> None:
             spaces[name] = (searched, extended)
     ray.shutdown()
     report(results, args.search_budget)
-    report_select(selects, args.search_budget)
+    report_select(selects, args.search_budget, shares)
     report_choices(choices)
     report_spaces(spaces, args.search_budget)
 
@@ -456,22 +485,23 @@ def report(results: dict, budget: float) -> None:
         print(f"\nfinal/seed: {100 * np.mean(gains_seed):+.1f} pts  final/single: {100 * np.mean(gains_single):+.1f} pts")
 
 
-def report_select(selects: dict, budget: float) -> None:
+def report_select(selects: dict, budget: float, shares: list[float]) -> None:
     if not selects:
         return
-    labels = [*SELECT_VARIANTS, "(d) recipe"]
-    print(f"\nFinal stages on one search each (search.time_budget_s {budget:.0f}; test accuracy, whole-run wall time, "
-          f"members / distinct configurations; (d): seeds)\n")
-    print(f"{'set':<8}" + "".join(f"{label:>26}" for label in labels))
+    runs = [*SELECT_VARIANTS, *map(share_label, shares)]
+    new_default = share_label(shares[0])
+    print(f"\nFinal stages (search.time_budget_s {budget:.0f}; test accuracy, whole-run wall time, members / "
+          f"distinct configurations; (d): seeds). The first {len(SELECT_VARIANTS)} share one search.\n")
+    print(f"{'set':<8}" + "".join(f"{label:>27}" for label in [*runs, "(d) recipe"]))
     for name, rows in selects.items():
         cells = [f"{rows[l]['test_acc']:.3f} ({rows[l]['wall_s']:.0f} s, {rows[l]['members']}/"
-                 f"{rows[l]['configurations']})" for l in SELECT_VARIANTS]
+                 f"{rows[l]['configurations']})" for l in runs]
         recipe = rows["(d) recipe"]
         cells.append(f"{recipe['test_acc']:.3f} ({recipe['wall_s']:.0f} s, {recipe['seeds']})")
-        print(f"{name:<8}" + "".join(f"{cell:>26}" for cell in cells))
-    gains = [rows[NEW_DEFAULT]["test_acc"] - rows[TODAY]["test_acc"] for rows in selects.values()]
-    recipe = [rows[NEW_DEFAULT]["test_acc"] - rows["(d) recipe"]["test_acc"] for rows in selects.values()]
-    print(f"\n{NEW_DEFAULT} against {TODAY}, and against (d):")
+        print(f"{name:<8}" + "".join(f"{cell:>27}" for cell in cells))
+    gains = [rows[new_default]["test_acc"] - rows[TODAY]["test_acc"] for rows in selects.values()]
+    recipe = [rows[new_default]["test_acc"] - rows["(d) recipe"]["test_acc"] for rows in selects.values()]
+    print(f"\n{new_default} against {TODAY}, and against (d):")
     print(f"greedy/top: {100 * np.mean(gains):+.1f} pts  worst set: {100 * min(gains):+.1f} pts  "
           f"final/recipe: {100 * np.mean(recipe):+.1f} pts")
 

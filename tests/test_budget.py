@@ -6,8 +6,8 @@ import pytest
 from ray import cloudpickle
 
 from tuneprod.spec import UserError, spec_from_dict
-from tuneprod.tuning.budget import (FIXED_OVERHEAD_S, BudgetStopper, MemberPlan, Speed, Workload, final_estimate,
-                                    makespan, minimum_seconds)
+from tuneprod.tuning.budget import (AUTO_MEMBERS_MOST, FIXED_OVERHEAD_S, BudgetStopper, MemberPlan, Speed, Workload,
+                                    final_estimate, makespan, members_that_fit, minimum_seconds)
 from tuneprod.tuning.endings import TrialEndings
 from tuneprod.tuning.tuner import plan_budget
 
@@ -119,3 +119,33 @@ def test_the_stopper_travels_with_the_experiment_and_its_budget_restarts_on_resu
     restored = cloudpickle.loads(cloudpickle.dumps(stopper))
     assert restored.best == stopper.best and restored.progress is print
     assert not restored.stopped and restored.used_s() < 5
+
+
+def test_auto_members_are_as_many_as_fit_in_the_time_left_taking_the_best_plans_in_turn():
+    """1000 labelled images at 50/s: 20 s an epoch; predictions take 200 test images x (10 views a member at 400/s
+    + 0.004 s to decode), so 5 s a member + 0.8 s; setup 30 s."""
+    two_slots = Workload(**{**WORK.__dict__, "slots": 2})
+    best = [MemberPlan(3), MemberPlan(2)]  # 60 s and 40 s
+    assert members_that_fit(two_slots, SPEED, best, 0) == 2  # never fewer than one round of slots
+    # 3 members [60, 40, 60] on 2 slots: makespan 100, + 15.8 s of predictions + 30 s = 145.8
+    assert members_that_fit(two_slots, SPEED, best, 145.7) == 2
+    assert members_that_fit(two_slots, SPEED, best, 145.9) == 3
+    assert members_that_fit(two_slots, SPEED, best, 150.9) == 4  # [60, 40, 60, 40]: still 100, + 20.8 + 30
+    assert members_that_fit(two_slots, SPEED, best, 10_000) == AUTO_MEMBERS_MOST
+    assert members_that_fit(Workload(**{**WORK.__dict__, "slots": 12}), SPEED, best, 10_000) == 12
+
+
+def test_time_share_ends_the_trials_earlier_and_the_time_left_buys_more_members():
+    auto = Workload(**{**WORK.__dict__, "members": 1, "slots": 1})  # members auto on one slot
+    plain = BudgetStopper(1000, auto, SPEED, "val_acc", "max", lambda _: None)
+    said = []
+    shared = BudgetStopper(1000, Workload(**{**auto.__dict__, "time_share": 0.5}), SPEED, "val_acc", "max",
+                           said.append)
+    for stopper in (plain, shared):
+        stopper("a", {"epoch": 2, "val_acc": 0.5})  # n members of 2 epochs: 40 s + 5 s to predict each, + 30.8 s
+        stopper.started -= 600  # 600 s used, 400 left
+    assert not plain.stop_all() and shared.stop_all()  # 75 s still fits; half the budget (500 s) does not
+    assert "final.time_share keeps 50% of the budget" in said[0]
+    assert shared.final_members() == 8 and plain.final_members() == 8  # 400 s left: 8 x 45 + 30.8 fits
+    plain.started -= 250  # 150 s left: 2 x 45 + 30.8 fits, 3 x 45 + 30.8 does not
+    assert plain.final_members() == 2

@@ -299,16 +299,19 @@ def test_every_ending_is_told_one_way_when_the_budget_cuts_and_the_scheduler_sto
 
 
 def test_a_search_keeps_validation_predictions_and_the_final_stage_selects_from_them(tmp_path, ray_two_cpus):
-    """search -> each trial's validation probabilities at its best -> greedy ensemble selection -> members shared
-    out over the two slots -> weighted vote -> predict from the command line; the report shows the path."""
+    """search -> each trial's validation probabilities at its best -> greedy ensemble selection -> as many members
+    as fit in the time the search left (final.members auto), at most two configurations (the two slots), shared out
+    by the votes -> weighted vote -> predict from the command line; the report shows the path."""
     import numpy as np
 
     from tuneprod.final.selection import KEPT_PREDICTIONS, ROUNDS
+    from tuneprod.tuning.budget import AUTO_MEMBERS_MOST
 
     generate_demo(tmp_path / "demo", classes=4, train_per_class=8, test_per_class=3, size=32)
     space = shrunk_space("demo.yaml", tmp_path, data={"demo": str(tmp_path / "demo"), "image_size": 32},
-                         search={"num_samples": 4, "scheduler": {"type": "fifo", "max_epochs": 2}},
-                         final={"select": "greedy", "members": "auto", "tta": []})
+                         search={"num_samples": 4, "scheduler": {"type": "fifo", "max_epochs": 2},
+                                 "time_budget_s": 900},
+                         final={"select": "greedy", "members": "auto", "tta": [], "time_share": 0.5})
     said = []
     tuneprod.search(space, storage=tmp_path / "runs", progress=said.append)
     experiment = tmp_path / "runs" / "shrunk_demo"
@@ -324,10 +327,12 @@ def test_a_search_keeps_validation_predictions_and_the_final_stage_selects_from_
     picks = ensemble["selection"]["picks"]
     assert sum(picks.values()) == ensemble["selection"]["kept_rounds"] <= len(ensemble["selection"]["path"]) == ROUNDS
     assert set(picks) <= set(table["trial_id"])
-    assert len(ensemble["members"]) == 2 and sum(ensemble["weights"]) == pytest.approx(1)  # two slots: two members
-    sources = {json.loads((experiment / "final" / m / "model.json").read_text())["source_trial"]
-               for m in ensemble["members"]}
-    assert sources <= set(picks)
+    # The trials end long before the budget: the time left buys AUTO_MEMBERS_MOST members.
+    assert f"tuneprod: final.members auto: {AUTO_MEMBERS_MOST} member(s) fit in the" in "\n".join(said)
+    assert len(ensemble["members"]) == AUTO_MEMBERS_MOST and sum(ensemble["weights"]) == pytest.approx(1)
+    sources = [json.loads((experiment / "final" / m / "model.json").read_text())["source_trial"]
+               for m in ensemble["members"]]
+    assert set(sources) <= set(picks) and len(set(sources)) <= 2  # more seeds, not more configurations
     assert any(line.startswith("final: ensemble selection over the trials' validation predictions") for line in said)
     assert "ensemble selection over the trials" in (experiment / "report.html").read_text()
     result = subprocess.run([sys.executable, "-m", "tuneprod.cli", "predict", str(experiment / "final"),

@@ -160,3 +160,18 @@ def test_only_the_trials_that_trained_furthest_are_candidates(tmp_path):
     assert set(choose(spec, tmp_path, print).selection.weights) <= {"c", "a"}
     spec = experiment(tmp_path, {"select": "greedy", "members": 3}, records)  # three members: all three compare
     assert "b" in choose(spec, tmp_path, print).selection.weights
+
+
+def test_members_the_time_buys_beyond_the_slots_are_more_seeds_of_the_chosen_configurations(tmp_path):
+    """final.members auto with time for 5 members on 2 slots: at most 2 configurations, 5 members shared out by
+    their votes (top: equal votes, 3 + 2), each configuration's votes split among its seeds."""
+    records = [TrialRecord("c", {"optimizer": "sgd", "lr": 0.1, "batch_size": 16}, curve(0.75)),
+               TrialRecord("a", {"optimizer": "adamw", "lr": 0.01, "batch_size": 16}, curve(0.6)),
+               TrialRecord("b", {"optimizer": "adamw", "lr": 0.001, "batch_size": 16}, curve(0.5))]
+    spec = experiment(tmp_path, {"select": "top", "members": "auto"}, records)
+    plans = plan_members(spec, tmp_path, slots=2, auto_members=5)
+    assert [p.trial_id for p in plans] == ["c", "c", "c", "a", "a"]
+    assert [p.config.seed for p in plans] == [7, 8, 9, 7, 8]
+    assert [p.weight for p in plans] == pytest.approx([1 / 3] * 3 + [1 / 2] * 2)
+    assert [p.trial_id for p in plan_members(spec, tmp_path, slots=2)] == ["c", "a"]  # no time said: one round
+    assert len(plan_members(spec, tmp_path, slots=3, auto_members=2)) == 3  # never fewer than the slots

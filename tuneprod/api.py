@@ -63,7 +63,8 @@ def _finish(spec, outcome, retrain: bool, address: Optional[str], progress: Call
         if outcome.best_value is None:
             raise UserError(f"every trial failed; see the error column of {outcome.experiment_dir / 'trials.csv'}")
         if retrain and spec.final.enabled:
-            retrain_and_predict(outcome.experiment_dir, progress, images=outcome.images, address=address)
+            retrain_and_predict(outcome.experiment_dir, progress, images=outcome.images, address=address,
+                                auto_members=outcome.final_members)
     finally:  # a search whose trials all failed needs its report the most
         _report(outcome.experiment_dir, progress)
         _upload(outcome.experiment_dir, progress)

@@ -343,8 +343,10 @@ class FinalSpec(_Strict):
     """The final stage: `members` distinct configurations x `seeds`, each trained on all labelled data, soft-voted
     (optionally souped) with test-time augmentation. `select`: which configurations, and their votes: `top`, the
     best by the search metric, equal votes; `greedy`, ensemble selection over every trial's validation predictions,
-    weighted votes. `members: auto`: as many members as train at once on the cluster (the time of one), shared out
-    by the selection's weights, so that a selection that keeps picking one configuration trains it with more seeds."""
+    weighted votes. `members: auto`: as many members as fit in the time the search leaves (at least as many as
+    train at once on the cluster), shared out by the selection's weights, so that a selection that keeps picking
+    one configuration trains it with more seeds. `time_share`: the least share of search.time_budget_s the trials
+    leave to the final stage and predictions (with members: auto; 0: what one round of members needs)."""
 
     enabled: bool = True
     members: Union[Literal["auto"], int] = 1
@@ -353,6 +355,7 @@ class FinalSpec(_Strict):
     epochs: Union[Literal["auto"], int] = "auto"
     tta: tuple[str, ...] = ("flip", "crops")  # measured best by benchmarks/accuracy.py on every set
     soup: bool = False
+    time_share: float = Field(0.0, ge=0, lt=1)
 
     @field_validator("epochs", "members", mode="before")
     @classmethod
@@ -364,6 +367,9 @@ class FinalSpec(_Strict):
         if self.members == "auto" and self.seeds != 1:
             raise ValueError(f"final.seeds: the value is {self.seeds}, but with final.members: auto the seeds follow "
                              f"the selection's votes; leave it at 1, or set final.members to a number")
+        if self.members != "auto" and self.time_share:
+            raise ValueError(f"final.time_share: the value is {self.time_share:g}, but only final.members: auto can "
+                             f"use the time it keeps; set final.members: auto, or remove final.time_share")
         return self
 
     @field_validator("tta", mode="before")
@@ -491,6 +497,11 @@ class _Document(_Strict):
     def _one_final_section(self):
         if self.final is not None and self.retrain is not None:
             raise ValueError("retrain: the older name of the final section; keep only final")
+        final = self.final or self.retrain
+        if final is not None and final.time_share and self.search.time_budget_s is None:
+            raise ValueError(f"final.time_share: the value is {final.time_share:g}, but it is a share of "
+                             f"search.time_budget_s, which is not set; set search.time_budget_s, or remove "
+                             f"final.time_share")
         return self
 
 
@@ -568,7 +579,7 @@ def _describe(exc: ValidationError) -> str:
     err = exc.errors()[0]
     loc = ".".join(str(part) for part in err["loc"])
     kind, ctx, value = err["type"], err.get("ctx", {}), err.get("input")
-    if kind == "value_error" and str(ctx.get("error", "")).startswith(("data.", "search.", "retrain:")):
+    if kind == "value_error" and str(ctx.get("error", "")).startswith(("data.", "search.", "final.", "retrain:")):
         return str(ctx["error"])
     if kind == "extra_forbidden":
         return f"{loc}: unknown key; remove it or check its spelling"

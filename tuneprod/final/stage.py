@@ -68,8 +68,9 @@ class Chosen:
 def choose(spec: Spec, experiment_dir: Path, progress: Callable[[str], None] = print, slots: int = 1) -> Chosen:
     """final.select: `top`, the best distinct configurations with a vote each; `greedy`, ensemble selection over
     the kept validation predictions of the usable trials that trained furthest (at least as far as the members'
-    count-th), of as many trials as there will be members (final.members, or `slots` with 'auto'; a configuration
-    tried twice counts as one)."""
+    count-th), of as many trials as there will be members. With final.members 'auto', at most `slots`
+    configurations (the members the time buys beyond them are more seeds). A configuration tried twice counts as
+    one."""
     if not (experiment_dir / results.TRIALS_PARQUET).is_file():
         raise UserError(f"{experiment_dir}: holds no {results.TRIALS_PARQUET}; run `tuneprod search` first")
     names, metric = spec.space.names(), spec.search.metric
@@ -95,7 +96,7 @@ def choose(spec: Spec, experiment_dir: Path, progress: Callable[[str], None] = p
             return Chosen([firsts[key] for key in ranked], [votes[key] for key in ranked], selection)
         progress("final: no trial kept its validation predictions (a search from an older tuneprod): members are "
                  "the best configurations, as final.select: top")
-    count = spec.final.members if spec.final.members != "auto" else len(usable)
+    count = spec.final.members if spec.final.members != "auto" else slots
     rows = results.top_distinct(table, metric, names, count)
     return Chosen(rows, [1.0] * len(rows))
 
@@ -122,13 +123,14 @@ def _kept_predictions(spec: Spec, experiment_dir: Path, trials: list[str]) -> tu
 
 
 def plan_members(spec: Spec, experiment_dir: Path, slots: int = 1, chosen: Optional[Chosen] = None,
-                 progress: Callable[[str], None] = print) -> list[MemberPlan]:
+                 progress: Callable[[str], None] = print, auto_members: Optional[int] = None) -> list[MemberPlan]:
     """The members to train: each chosen configuration with final.seeds seeds, its votes shared among them. With
-    final.members 'auto', `slots` members (as many as train at once), shared out by the votes."""
+    final.members 'auto', `auto_members` members (as many as fit in the time the search left; else `slots`, as
+    many as train at once), shared out by the votes: members beyond the chosen configurations are more seeds."""
     chosen = chosen or choose(spec, experiment_dir, progress, slots)
     names, metric = spec.space.names(), spec.search.metric
     if spec.final.members == "auto":
-        seeds = share_out(chosen.votes, slots)
+        seeds = share_out(chosen.votes, max(slots, auto_members or slots))
     else:
         seeds = [spec.final.seeds] * min(spec.final.members, len(chosen.rows))
     plans = []
@@ -165,15 +167,18 @@ def train_member(plan: MemberPlan, images: DecodedImages, folder: Path, device: 
 
 
 def final_stage(spec: Spec, experiment_dir: Path, progress: Callable[[str], None],
-                images: Optional[DecodedImages], train_members: MemberTrainer, slots: int = 1) -> Path:
+                images: Optional[DecodedImages], train_members: MemberTrainer, slots: int = 1,
+                auto_members: Optional[int] = None) -> Path:
     """Runs the final stage into final/. `images`: the labelled images the search already indexed and decoded (else
-    they are indexed again, and the decoded cache found again). `slots`: members trained at once."""
+    they are indexed again, and the decoded cache found again). `slots`: members trained at once (with
+    final.members 'auto', the most distinct configurations). `auto_members`: what final.members 'auto' trains (as
+    many as fit in the time the search left; else `slots`)."""
     chosen = choose(spec, experiment_dir, progress, slots)
     if chosen.selection is not None:
         path = ", ".join(f"{trial} {score:.4f}" for trial, score in chosen.selection.path)
         progress(f"final: ensemble selection over the trials' validation predictions ({spec.search.metric} after "
                  f"each round): {path}; the first {chosen.selection.kept} round(s) kept")
-    plans = plan_members(spec, experiment_dir, slots, chosen)
+    plans = plan_members(spec, experiment_dir, slots, chosen, auto_members=auto_members)
     labelled = images if images is not None else labelled_images(spec, progress)
     listing = ", ".join(f"{p.name}: trial {p.trial_id} ({p.metric} {p.trial_value:.4f}, seed {p.config.seed}, "
                         f"{p.config.epochs} epochs, vote {p.weight / sum(q.weight for q in plans):.2f})"

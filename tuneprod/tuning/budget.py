@@ -19,6 +19,7 @@ from ray import tune
 from tuneprod.spec import Hyperparams
 from tuneprod.tuning.endings import TrialEndings
 
+AUTO_MEMBERS_MOST = 8  # final.members auto: past a handful of members, another adds little (and costs predictions)
 FIXED_OVERHEAD_S = 30.0  # member tasks started, models built, the artifact written and loaded again to predict
 DECODE_S_PER_IMAGE = 0.004  # a test photo read and resized for prediction (a 256 px JPEG, one core)
 
@@ -43,6 +44,7 @@ class Workload:
     member_epochs_default: Optional[int]  # final.epochs when fixed; None: each member's trial's best epoch
     slots: int  # members trained at once
     final: bool  # whether the final stage and predictions follow the trials
+    time_share: float = 0.0  # final.time_share: the least share of the budget the trials leave
 
 
 @dataclass(frozen=True)
@@ -78,6 +80,17 @@ def final_estimate(work: Workload, speed: Speed, members: Sequence[MemberPlan]) 
     members_s = makespan([m.epochs * epoch_s + (gallery_s if m.gallery else 0.0) for m in members], work.slots)
     per_image_s = work.views * len(members) / speed.eval_images_per_s + DECODE_S_PER_IMAGE
     return FinalEstimate(members_s, work.test_images * per_image_s, FIXED_OVERHEAD_S)
+
+
+def members_that_fit(work: Workload, speed: Speed, best: Sequence[MemberPlan], seconds: float) -> int:
+    """final.members auto: how many members the final stage can train, and predict with, in `seconds`. The best
+    trials' plans are taken in turn (in the final stage a configuration picked again is another seed of it); at
+    least one round of slots, at most AUTO_MEMBERS_MOST (or the slots, if more)."""
+    count, most = work.slots, max(work.slots, AUTO_MEMBERS_MOST)
+    while count < most and final_estimate(work, speed, [best[n % len(best)] for n in range(count + 1)]).total_s \
+            <= seconds:
+        count += 1
+    return count
 
 
 def trial_seconds(work: Workload, speed: Speed, epochs: int) -> float:
@@ -136,13 +149,24 @@ class BudgetStopper(tune.Stopper):
 
     def members(self) -> list[MemberPlan]:
         """The planned members: the best trials so far, each with the seeds it will be trained with."""
-        top = sorted(self.best.values(), key=lambda b: -b.score)[:self.work.members]
-        plans = [MemberPlan(self.work.member_epochs_default or b.epoch, b.gallery) for b in top] or \
+        return [plan for plan in self._best_plans(self.work.members) for _ in range(self.work.seeds)]
+
+    def _best_plans(self, count: int) -> list[MemberPlan]:
+        top = sorted(self.best.values(), key=lambda b: -b.score)[:count]
+        return [MemberPlan(self.work.member_epochs_default or b.epoch, b.gallery) for b in top] or \
             [MemberPlan(self.work.member_epochs_default or 1)]
-        return [plan for plan in plans for _ in range(self.work.seeds)]
 
     def estimate(self) -> FinalEstimate:
         return final_estimate(self.work, self.speed(), self.members())
+
+    def reserve_s(self, estimate: FinalEstimate) -> float:
+        """What the trials leave: the planned final stage, or final.time_share of the budget if that is more."""
+        return max(estimate.total_s, self.work.time_share * self.budget_s)
+
+    def final_members(self) -> int:
+        """final.members auto, once the trials have ended: as many members as fit in the time left."""
+        return members_that_fit(self.work, self.speed(), self._best_plans(self.work.members),
+                                self.budget_s - self.used_s())
 
     def used_s(self) -> float:
         return time.monotonic() - self.started
@@ -151,7 +175,7 @@ class BudgetStopper(tune.Stopper):
         if self.stopped:
             return True
         estimate = self.estimate()
-        if self.used_s() + estimate.total_s >= self.budget_s:
+        if self.used_s() + self.reserve_s(estimate) >= self.budget_s:
             self.stopped = True
             if self.endings is not None:
                 self.endings.cut_by_budget()
@@ -159,6 +183,9 @@ class BudgetStopper(tune.Stopper):
             what = (f"~{estimate.members_s:.0f} s for the final stage ({len(self.members())} member(s)), "
                     f"~{estimate.predict_s:.0f} s for predictions and ~{estimate.overhead_s:.0f} s of setup"
                     if self.work.final else "nothing after the trials")
+            if self.reserve_s(estimate) > estimate.total_s:
+                what += (f"; final.time_share keeps {self.work.time_share:.0%} of the budget for it, so "
+                         f"final.members auto can train more")
             self.progress(f"tuneprod: {self.used_s():.0f} s of the {self.budget_s:.0f} s budget used: ending the "
                           f"trials, leaving {max(left, 0):.0f} s ({what})")
         return self.stopped

@@ -25,12 +25,14 @@ SHARD_IMAGES = 1000  # test images per prediction task: a few tens of MB of JPEG
 
 
 def retrain_and_predict(experiment_dir: Path, progress: Callable[[str], None] = print,
-                        images: Optional[DecodedImages] = None, address: Optional[str] = None) -> Path:
-    """Runs the final stage into final/ on the cluster, then predicts data.test there when it is set."""
+                        images: Optional[DecodedImages] = None, address: Optional[str] = None,
+                        auto_members: Optional[int] = None) -> Path:
+    """Runs the final stage into final/ on the cluster, then predicts data.test there when it is set.
+    `auto_members`: what final.members 'auto' trains (the search's count of what fits; else one per slot)."""
     experiment_dir = Path(experiment_dir)
     spec = localised(load_experiment(experiment_dir), progress)
     start_ray(address, progress)
-    folder = final_stage(spec, experiment_dir, progress, images, train_members, member_slots(spec))
+    folder = final_stage(spec, experiment_dir, progress, images, train_members, member_slots(spec), auto_members)
     predict_test(spec, experiment_dir, progress, cluster_scorer(spec))
     return folder
 

@@ -7,6 +7,7 @@ import logging
 import math
 import os
 import signal
+import dataclasses
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -56,6 +57,7 @@ class SearchOutcome:
     stopped_early: int
     best_value: Optional[float]
     images: DecodedImages  # the readable labelled images, so that the retrain need not index them again
+    final_members: Optional[int] = None  # final.members auto: as many as fit in the time the trials left
 
 
 def claim_experiment_dir(spec: Spec) -> Spec:
@@ -122,7 +124,13 @@ def run_search(spec: Spec, address: Optional[str] = None, progress: Callable[[st
     )
     progress(f"tuneprod: watch it with `tuneprod dashboard {spec.experiment_dir}` or "
              f"`tensorboard --logdir {spec.experiment_dir}`")
-    return _fit(spec, tuner, images, endings, progress, verbose)
+    outcome = _fit(spec, tuner, images, endings, progress, verbose)
+    if stopper is None or not final or spec.final.members != "auto":
+        return outcome
+    members = stopper.final_members()
+    progress(f"tuneprod: final.members auto: {members} member(s) fit in the "
+             f"{max(0, stopper.budget_s - stopper.used_s()):.0f} s left")
+    return dataclasses.replace(outcome, final_members=members)
 
 
 class UploadsDriverFiles(tune.Callback):
@@ -177,19 +185,23 @@ def plan_budget(spec: Spec, work: Workload, speed: Speed, grace: int,
     """Refuses a budget that cannot hold one trial to its first rung plus what follows; says how it is split."""
     budget, final = spec.search.time_budget_s, work.final
     need, trial_s, least_final = minimum_seconds(work, speed, grace)
+    need = max(need, trial_s / (1 - work.time_share))  # the trials' part of it must hold the one trial too
     if budget < need:
         raise UserError(f"{spec.path}: search.time_budget_s: the value is {budget:g}, but must be >= {need:.0f} to "
                         f"hold one trial to its first rung ({grace} epoch(s), ~{trial_s:.0f} s), the final stage "
                         f"(~{least_final.members_s + least_final.overhead_s:.0f} s) and the predictions "
                         f"(~{least_final.predict_s:.0f} s) at the speed measured here "
-                        f"({speed.train_images_per_s:.0f} img/s training); raise it, or lower data.image_size or "
-                        f"final.members")
+                        f"({speed.train_images_per_s:.0f} img/s training); raise it, or lower data.image_size, "
+                        f"final.members or final.time_share")
     members = work.members * work.seeds
     most = final_estimate(work, speed,
                           [MemberPlan(work.member_epochs_default or spec.search.scheduler.max_epochs)] * members)
     after = (f"; then the final stage (~{most.members_s + most.overhead_s:.0f} s at most: {members} member(s) on "
              f"{work.slots} slot(s)) and predictions (~{most.predict_s:.0f} s), re-planned from the trials' speed "
              f"and best epochs as they report" if final else "")
+    if final and work.time_share:
+        after += (f"; final.time_share keeps at least {work.time_share * budget:.0f} s for them, and "
+                  f"final.members auto trains as many members as fit in what the trials leave")
     progress(f"tuneprod: budget {budget:.0f} s for the whole run: trials (an epoch ~"
              f"{trial_seconds(work, speed, 1):.0f} s at {speed.train_images_per_s:.0f} img/s){after}")
     return BudgetStopper(budget, work, speed, spec.search.metric, spec.search.direction, progress)
@@ -204,7 +216,8 @@ def _workload(spec: Spec, data: TrialData, images: DecodedImages, final: bool) -
                     test_images=len(list_images(test)) if final and test is not None else 0,
                     views=view_count(spec.final.tta), members=slots if auto else spec.final.members,
                     seeds=1 if auto else spec.final.seeds,
-                    member_epochs_default=None if epochs == "auto" else epochs, slots=slots, final=final)
+                    member_epochs_default=None if epochs == "auto" else epochs, slots=slots, final=final,
+                    time_share=spec.final.time_share)
 
 
 def member_slots(spec: Spec) -> int:
