@@ -464,6 +464,8 @@ def main() -> None:
 
 
 def report(results: dict, budget: float) -> None:
+    if not results:
+        return
     print(f"\nTest accuracy at equal wall-clock budget (search {budget:.0f} s; wall time per method in brackets; "
           f"{os.cpu_count()} CPU cores)\n")
     header = f"{'set':<8} {'(a) seed':>14} {'(b) single':>14} {'(c) final':>14}  {'(c) soup':>9}  " \
@@ -481,8 +483,7 @@ def report(results: dict, budget: float) -> None:
               f"seed: {seed['note']}, val {seed['val_acc']:.3f}")
         gains_seed.append(searched["final"] - seed["test_acc"])
         gains_single.append(searched["final"] - searched["single"])
-    if results:
-        print(f"\nfinal/seed: {100 * np.mean(gains_seed):+.1f} pts  final/single: {100 * np.mean(gains_single):+.1f} pts")
+    print(f"\nfinal/seed: {100 * np.mean(gains_seed):+.1f} pts  final/single: {100 * np.mean(gains_single):+.1f} pts")
 
 
 def report_select(selects: dict, budget: float, shares: list[float]) -> None:

@@ -32,6 +32,15 @@ def test_final_stage_estimate():
     assert final_estimate(Workload(**{**WORK.__dict__, "final": False}), SPEED, members).total_s == 0
 
 
+def test_predictions_are_scored_in_shards_side_by_side_one_per_slot():
+    """2500 test images: shards of 1000, 1000 and 500 on two slots take as long as 1500 images on one."""
+    members = [MemberPlan(1)]
+    one = final_estimate(Workload(**{**WORK.__dict__, "test_images": 2500}), SPEED, members).predict_s
+    two = final_estimate(Workload(**{**WORK.__dict__, "test_images": 2500, "slots": 2}), SPEED, members).predict_s
+    assert one == pytest.approx(2500 * (10 / 400 + 0.004)) and two == pytest.approx(1500 * (10 / 400 + 0.004))
+    assert final_estimate(Workload(**{**WORK.__dict__, "test_images": 0}), SPEED, members).predict_s == 0
+
+
 def test_a_gallery_member_costs_one_more_pass_over_the_labelled_images():
     """A member that predicts by its gallery embeds every labelled image once (1000 at 400/s: 2.5 s)."""
     plain = final_estimate(WORK, SPEED, [MemberPlan(5), MemberPlan(3)])

@@ -22,6 +22,7 @@ from tuneprod.tuning.endings import TrialEndings
 AUTO_MEMBERS_MOST = 8  # final.members auto: past a handful of members, another adds little (and costs predictions)
 FIXED_OVERHEAD_S = 30.0  # member tasks started, models built, the artifact written and loaded again to predict
 DECODE_S_PER_IMAGE = 0.004  # a test photo read and resized for prediction (a 256 px JPEG, one core)
+SHARD_IMAGES = 1000  # test images per prediction task: the shards are scored side by side, one per slot
 
 
 @dataclass(frozen=True)
@@ -79,7 +80,8 @@ def final_estimate(work: Workload, speed: Speed, members: Sequence[MemberPlan]) 
     gallery_s = work.labelled_images / speed.eval_images_per_s
     members_s = makespan([m.epochs * epoch_s + (gallery_s if m.gallery else 0.0) for m in members], work.slots)
     per_image_s = work.views * len(members) / speed.eval_images_per_s + DECODE_S_PER_IMAGE
-    return FinalEstimate(members_s, work.test_images * per_image_s, FIXED_OVERHEAD_S)
+    shards = [min(SHARD_IMAGES, work.test_images - first) for first in range(0, work.test_images, SHARD_IMAGES)]
+    return FinalEstimate(members_s, makespan([size * per_image_s for size in shards], work.slots), FIXED_OVERHEAD_S)
 
 
 def members_that_fit(work: Workload, speed: Speed, best: Sequence[MemberPlan], seconds: float) -> int:

@@ -18,10 +18,10 @@ from tuneprod.final.inference import Scores, Scorer, score_images
 from tuneprod.final.stage import MemberPlan, final_stage, load_experiment, predict_test, train_member
 from tuneprod.spec import Spec
 from tuneprod.train.cache import DecodedImages, localised
+from tuneprod.tuning.budget import SHARD_IMAGES  # a few tens of MB of JPEGs a task, through the object store
 from tuneprod.tuning.tuner import member_slots, start_ray, trial_resources
 
 HEARTBEAT_S = 120  # seconds between progress lines while members train
-SHARD_IMAGES = 1000  # test images per prediction task: a few tens of MB of JPEGs through the object store
 
 
 def retrain_and_predict(experiment_dir: Path, progress: Callable[[str], None] = print,
