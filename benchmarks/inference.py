@@ -31,7 +31,7 @@ from tuneprod.demo import generate_demo  # noqa: E402
 from tuneprod.final import artifact, portable  # noqa: E402
 from tuneprod.final.export import export  # noqa: E402
 from tuneprod.final.ensemble import soft_vote  # noqa: E402
-from tuneprod.final.inference import _member_probabilities, predict  # noqa: E402
+from tuneprod.final.inference import member_probabilities, predict  # noqa: E402
 from tuneprod.spec import Hyperparams, TrialConfig  # noqa: E402
 from tuneprod.train.cache import decoded  # noqa: E402
 from tuneprod.train.data import decode_resized, index_images, list_images  # noqa: E402
@@ -102,7 +102,7 @@ def measure(name: str, views: tuple[str, ...], work: Path, count: int, batch_siz
 
     def torch_model():  # what score_images does for each batch, on decoded images
         with torch.inference_mode():
-            return torch.cat([soft_vote([_member_probabilities(ensemble.members[m], tensors[i:i + batch_size], views)
+            return torch.cat([soft_vote([member_probabilities(ensemble.members[m], tensors[i:i + batch_size], views)
                                          for m in ensemble.vote], ensemble.weights)
                               for i in range(0, len(paths), batch_size)]).numpy()
 

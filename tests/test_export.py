@@ -4,6 +4,7 @@ import json
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -193,3 +194,30 @@ def test_bad_export_and_onnx_predict_inputs_are_one_line_errors(images, tmp_path
     assert done.returncode == 2
     [line] = done.stderr.strip().splitlines()
     assert line.startswith(f"tuneprod {args[0]}: error: {message.format(tmp=tmp_path)}")
+
+
+def test_a_model_in_a_bucket_is_fetched_alone_and_exported_into_the_current_folder(images, tmp_path, s3, monkeypatch):
+    """An exported model beside a whole experiment in a bucket: predicting from it fetches that one object, not
+    the experiment; exporting a bucket's final/ folder writes model.onnx here, not into the cache."""
+    from tuneprod.spec import UserError
+
+    train, test = images
+    experiment = tmp_path / "experiment"
+    ensemble_folder(experiment / "final", train, {"member_1": {"backbone": "test_efficientnet"}}, tta=("flip",))
+    (experiment / "trial_a").mkdir()
+    (experiment / "trial_a" / "checkpoint.bin").write_bytes(b"0" * 1000)
+    s3.upload(experiment, "deploy/experiment")
+    here = tmp_path / "here"
+    here.mkdir()
+    monkeypatch.chdir(here)
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("TUNEPROD_CACHE", str(cache))
+    written = api.export(s3.uri("deploy/experiment/final"))
+    assert written == Path("model.onnx") and (here / "model.onnx").is_file()
+    s3.client.upload_file(str(here / "model.onnx"), s3.BUCKET, "deploy/experiment/model.onnx")
+    report = api.predict(s3.uri("deploy/experiment/model.onnx"), test, tmp_path / "p.csv", progress=lambda _: None)
+    assert report.images == 18 and len(pd.read_csv(tmp_path / "p.csv")) == 18
+    fetched = [p.name for p in cache.rglob("*") if p.is_file()]
+    assert "model.onnx" in fetched and "checkpoint.bin" not in fetched
+    with pytest.raises(UserError, match="deploy/experiment/other.onnx.*: no such object"):
+        api.predict(s3.uri("deploy/experiment/other.onnx"), test, tmp_path / "p.csv")

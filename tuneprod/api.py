@@ -161,10 +161,10 @@ def predict(model: PathLike, images: PathLike, out: PathLike = "predictions.csv"
             tta: Optional[Sequence[str]] = None, batch_size: int = 64, progress: Callable[[str], None] = print):
     """Writes file,label,confidence and the top 5 for every image in a folder. `tta`: test-time views (flip,
     scale, crops; [] for none; default: as the model was saved). Returns a PredictionReport."""
-    if str(model).endswith(".onnx"):  # an exported model: onnxruntime, no torch
+    if _named(model).endswith(".onnx"):  # an exported model: onnxruntime, no torch
         from tuneprod.final.portable import predict as run_portable
 
-        return run_portable(_model(model), Path(images), Path(out), tta=tta, batch_size=batch_size,
+        return run_portable(_onnx_file(model), Path(images), Path(out), tta=tta, batch_size=batch_size,
                             progress=progress)
     from tuneprod.final.inference import predict as run_predict
 
@@ -172,11 +172,15 @@ def predict(model: PathLike, images: PathLike, out: PathLike = "predictions.csv"
 
 
 def export(model: PathLike, out: Optional[PathLike] = None, tta: Optional[Sequence[str]] = None) -> Path:
-    """Writes a final/ folder as one ONNX file (default: model.onnx beside the folder) that takes uint8 RGB images
-    at the model's size and returns the ensemble's probabilities, with its test-time views (default: as saved)
-    and soft vote inside; labels.json beside it. `tuneprod predict model.onnx IMAGES` runs it."""
+    """Writes a final/ folder as one ONNX file (default: model.onnx beside the folder; for a folder in a bucket,
+    model.onnx in the current folder) that takes uint8 RGB images at the model's size and returns the ensemble's
+    probabilities, with its test-time views (default: as saved) and soft vote inside; labels.json beside it.
+    `tuneprod predict model.onnx IMAGES` runs it."""
     from tuneprod.final.export import export as run_export
+    from tuneprod.spec import is_uri
 
+    if out is None and is_uri(model):  # beside the bucket's folder would be the cache, where nobody looks
+        out = "model.onnx"
     return run_export(_model(model), None if out is None else Path(out), tta)
 
 
@@ -190,6 +194,34 @@ def _model(location: PathLike) -> Path:
     from tuneprod.train.cache import default_root
 
     return fetch_location(str(location), default_root(), progress=lambda _: None)[0]
+
+
+def _named(location: PathLike) -> str:
+    """A path, or a URI's path (without the query that names its endpoint)."""
+    from urllib.parse import urlsplit
+
+    from tuneprod.spec import is_uri
+
+    return urlsplit(str(location)).path if is_uri(location) else str(location)
+
+
+def _onnx_file(location: PathLike) -> Path:
+    """An exported model on this machine: one in a bucket fetched alone (its folder may hold a whole experiment)
+    into the cache, under a name of its URI."""
+    from tuneprod.spec import UserError, is_uri
+
+    if not is_uri(location):
+        return Path(location)
+    import hashlib
+
+    from tuneprod.storage import RemoteFolder, parent
+    from tuneprod.train.cache import default_root
+
+    folder, name = parent(str(location))
+    local = default_root() / "models" / hashlib.sha256(str(location).encode()).hexdigest()[:16] / name
+    if not RemoteFolder(folder).download(name, local):
+        raise UserError(f"{location}: no such object; pass a model.onnx written by tuneprod export")
+    return local
 
 
 def demo_data(out_dir: PathLike, **options) -> dict:

@@ -108,7 +108,8 @@ def _parser() -> argparse.ArgumentParser:
                                              "image size and views in its metadata and in labels.json beside it. Needs "
                                              "pip install 'tuneprod[export]'.")
     export.add_argument("model", help="model folder, e.g. tuneprod_runs/demo/final, or its bucket folder")
-    export.add_argument("--out", type=Path, help="ONNX file to write (default: model.onnx beside the model folder)")
+    export.add_argument("--out", type=Path, help="ONNX file to write (default: model.onnx beside the model "
+                                                 "folder; for a bucket folder, model.onnx here)")
     export.add_argument("--tta", type=_views, metavar="VIEWS",
                         help="test-time views inside the graph, comma-separated from flip, scale, crops, or none "
                              "(default: as the model was saved)")

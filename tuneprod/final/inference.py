@@ -57,7 +57,7 @@ def score_images(model_dir: Path, paths: Sequence[Path], views: Sequence[str], s
     with torch.inference_mode(), autocast(amp_dtype(device)):
         for pixels in loader:
             pixels = pixels.to(device, non_blocking=True)
-            probabilities = {name: _member_probabilities(ensemble.members[name], pixels, views) for name in scored}
+            probabilities = {name: member_probabilities(ensemble.members[name], pixels, views) for name in scored}
             votes.append(soft_vote([probabilities[name] for name in ensemble.vote], ensemble.weights).cpu())
             for name in scored:
                 member_labels[name] += probabilities[name].argmax(1).tolist()
@@ -86,6 +86,8 @@ def predict(model_dir: Path, images: Path, out: Path, tta: Union[Sequence[str], 
                              truth, scores.member_labels, Path(images))
 
 
-def _member_probabilities(member: artifact.Member, pixels: torch.Tensor, views: Sequence[str]) -> torch.Tensor:
+def member_probabilities(member: artifact.Member, pixels: torch.Tensor, views: Sequence[str]) -> torch.Tensor:
+    """One member's probabilities for a batch of uint8 pixels (B x H x W x 3), normalised as it was trained and
+    averaged over the test-time views."""
     prep = member.preprocessing
     return view_probabilities(member.model, normalise(pixels, prep["mean"], prep["std"]), views)
