@@ -3,11 +3,11 @@ then the results table, the retrain on all labelled data and the test prediction
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import math
 import os
 import signal
-import dataclasses
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -125,7 +125,7 @@ def run_search(spec: Spec, address: Optional[str] = None, progress: Callable[[st
     progress(f"tuneprod: watch it with `tuneprod dashboard {spec.experiment_dir}` or "
              f"`tensorboard --logdir {spec.experiment_dir}`")
     outcome = _fit(spec, tuner, images, endings, progress, verbose)
-    if stopper is None or not final or spec.final.members != "auto":
+    if stopper is None or not (final and spec.final.enabled) or spec.final.members != "auto":
         return outcome
     members = stopper.final_members()
     progress(f"tuneprod: final.members auto: {members} member(s) fit in the "
