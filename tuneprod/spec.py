@@ -497,6 +497,10 @@ class _Document(_Strict):
     def _one_final_section(self):
         if self.final is not None and self.retrain is not None:
             raise ValueError("retrain: the older name of the final section; keep only final")
+        return self
+
+    @model_validator(mode="after")
+    def _time_share_of_a_budget(self):
         final = self.final or self.retrain
         if final is not None and final.time_share and self.search.time_budget_s is None:
             raise ValueError(f"final.time_share: the value is {final.time_share:g}, but it is a share of "

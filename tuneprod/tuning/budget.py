@@ -167,11 +167,13 @@ class BudgetStopper(tune.Stopper):
 
     def final_members(self) -> int:
         """final.members auto, once the trials have ended: as many members as fit in the time left."""
-        return members_that_fit(self.work, self.speed(), self._best_plans(self.work.members),
-                                self.budget_s - self.used_s())
+        return members_that_fit(self.work, self.speed(), self._best_plans(self.work.members), self.left_s())
 
     def used_s(self) -> float:
         return time.monotonic() - self.started
+
+    def left_s(self) -> float:
+        return max(self.budget_s - self.used_s(), 0.0)
 
     def stop_all(self) -> bool:
         if self.stopped:
@@ -181,7 +183,6 @@ class BudgetStopper(tune.Stopper):
             self.stopped = True
             if self.endings is not None:
                 self.endings.cut_by_budget()
-            left = self.budget_s - self.used_s()
             what = (f"~{estimate.members_s:.0f} s for the final stage ({len(self.members())} member(s)), "
                     f"~{estimate.predict_s:.0f} s for predictions and ~{estimate.overhead_s:.0f} s of setup"
                     if self.work.final else "nothing after the trials")
@@ -189,7 +190,7 @@ class BudgetStopper(tune.Stopper):
                 what += (f"; final.time_share keeps {self.work.time_share:.0%} of the budget for it, so "
                          f"final.members auto can train more")
             self.progress(f"tuneprod: {self.used_s():.0f} s of the {self.budget_s:.0f} s budget used: ending the "
-                          f"trials, leaving {max(left, 0):.0f} s ({what})")
+                          f"trials, leaving {self.left_s():.0f} s ({what})")
         return self.stopped
 
     # The Tuner saves the stopper in the experiment folder, and Tuner.restore brings it back: without the progress

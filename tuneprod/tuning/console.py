@@ -142,5 +142,5 @@ class SearchView(tune.Callback):
             max(self.num_samples - len(trials), 0) * per_trial
         left = todo / (sum(epochs.values()) / elapsed)
         if self.budget is not None:
-            left = min(left, max(self.budget.budget_s - self.budget.used_s(), 0.0))
+            left = min(left, self.budget.left_s())
         return left

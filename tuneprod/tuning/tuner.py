@@ -128,8 +128,7 @@ def run_search(spec: Spec, address: Optional[str] = None, progress: Callable[[st
     if stopper is None or not (final and spec.final.enabled) or spec.final.members != "auto":
         return outcome
     members = stopper.final_members()
-    progress(f"tuneprod: final.members auto: {members} member(s) fit in the "
-             f"{max(0, stopper.budget_s - stopper.used_s()):.0f} s left")
+    progress(f"tuneprod: final.members auto: {members} member(s) fit in the {stopper.left_s():.0f} s left")
     return dataclasses.replace(outcome, final_members=members)
 
 
