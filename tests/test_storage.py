@@ -276,6 +276,41 @@ def test_a_trial_in_a_bucket_goes_on_from_its_furthest_state_whose_epochs_the_dr
     assert bucket_resume_state(fs, path, None) == f"{s3.BUCKET}/{trial}/checkpoint_000003/{state_file(5)}"
 
 
+def test_a_trial_in_a_bucket_deletes_its_old_states_but_not_the_folders_ray_may_name(s3):
+    """Ray would fail to resume from a checkpoint folder that is gone; the trial goes on from a state still there."""
+    import time
+
+    import pyarrow.fs
+
+    from tuneprod.storage import filesystem
+    from tuneprod.tuning.trainable import bucket_resume_state, held_file, state_file, states_to_delete
+
+    trial = "pruned/trial_a"
+    fs, _ = filesystem(s3.uri("pruned"))
+    path = f"{s3.BUCKET}/{trial}"
+
+    def save(number: int, epoch: int) -> str:
+        folder = f"{trial}/checkpoint_00000{number}"
+        for name in (state_file(epoch), held_file(epoch)):
+            s3.client.put_object(Bucket=s3.BUCKET, Key=f"{folder}/{name}", Body=b"x")
+        return f"{s3.BUCKET}/{folder}"
+
+    assert states_to_delete(fs, path, kept_s=0.5) == []  # nothing saved
+    first, second = save(0, 1), save(1, 2)
+    s3.client.put_object(Bucket=s3.BUCKET, Key=f"{trial}/progress.csv", Body=b"x" * 10_000)  # not a state
+    assert states_to_delete(fs, path, kept_s=0.5) == []  # saved within the same moment: both kept
+    time.sleep(1.1)  # an object store keeps times to the second
+    third = save(2, 3)
+    old = states_to_delete(fs, path, kept_s=0.5)
+    assert sorted(old) == [f"{first}/{state_file(1)}", f"{second}/{state_file(2)}"]
+    assert states_to_delete(fs, path, kept_s=60) == []  # within the window: kept
+    fs.delete_file(f"{second}/{state_file(2)}")
+    assert fs.get_file_info(second).type != pyarrow.fs.FileType.NotFound  # Ray's check before a resume
+    # Ray's lagging state names the second checkpoint, whose state is gone: the epochs it held are still recorded.
+    assert bucket_resume_state(fs, path, second) == f"{first}/{state_file(1)}"
+    assert bucket_resume_state(fs, path, third) == f"{third}/{state_file(3)}"
+
+
 def test_a_checkpoint_an_older_tuneprod_saved_is_resumed_from(tmp_path):
     import pyarrow.fs
 

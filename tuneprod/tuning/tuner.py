@@ -35,16 +35,9 @@ from tuneprod.tuning.scheduler import (PromotingASHA, RecordingASHA, ResumableFI
 from tuneprod.tuning.space import DefineByRun, sampler
 from tuneprod.tuning.restore import reported_epochs, resumed_at
 from tuneprod.tuning.study import StudySearch, close_open_trials
-from tuneprod.tuning.trainable import TrialData, train_trial
+from tuneprod.tuning.trainable import RAY_SYNC_S, TrialData, train_trial
 
 DRIVER_UPLOAD_S = 10  # with a bucket for storage: the driver's files go up at most this often
-# And Ray's experiment state (small) this often, rather than its default of 5 minutes. A driver lost between two
-# uploads leaves a state that names each trial's checkpoint as of the last upload, while the trials saved more
-# (they go on from the furthest the driver recorded, trainable.bucket_resume_state): the trials keep that many
-# checkpoints in the bucket (each deletes its older ones as it goes), so that one is still there unless epochs are
-# shorter than RAY_SYNC_S / (BUCKET_CHECKPOINTS - 1).
-RAY_SYNC_S = 5
-BUCKET_CHECKPOINTS = 3
 PROBE_TIMEOUT_S = 900  # a GPU busy with other work, or a cluster that never gets one: give up, use whole GPUs
 
 
@@ -115,8 +108,9 @@ def run_search(spec: Spec, address: Optional[str] = None, progress: Callable[[st
                                     trial_dirname_creator=lambda trial: f"trial_{trial.trial_id}"),
         run_config=tune.RunConfig(
             name=spec.name, storage_path=str(spec.storage), stop=stopper,
-            sync_config=tune.SyncConfig(sync_period=RAY_SYNC_S),
-            checkpoint_config=tune.CheckpointConfig(num_to_keep=BUCKET_CHECKPOINTS if spec.remote else 1),
+            sync_config=tune.SyncConfig(sync_period=RAY_SYNC_S),  # not its default of 5 minutes
+            # In a bucket the trials delete their old states themselves (trainable.delete_old_bucket_states).
+            checkpoint_config=tune.CheckpointConfig(num_to_keep=None if spec.remote else 1),
             failure_config=tune.FailureConfig(max_failures=spec.search.max_failures),
             callbacks=[_view(spec, endings, stopper, show=not verbose),
                        UploadsDriverFiles(ExperimentUploads(spec.experiment_dir, spec.remote, DRIVER_UPLOAD_S))],
