@@ -37,9 +37,9 @@ cpu.yaml as shipped, at the same budget.
 final stages on it: final.select top or greedy (ensemble selection over the trials' validation predictions),
 final.members 2 or auto (as many as fit in the time the search left, at most two configurations, shared out by the
 selection's votes); each row's wall time is the search's plus its own final stage and predictions. Then, for each
---shares S, a whole run of cpu.yaml with select greedy, members auto and final.time_share S: its trials end when
-S of the budget is left, and the final stage trains as many members as fit in it (ending the trials earlier for
-more members). And (d) the hand recipe: the contest winners' recipe (RECIPE: AdamW, warm-up then cosine to 1e-3,
+--shares [SELECT:]S, a whole run of cpu.yaml with final.select SELECT (greedy unless given), members auto and
+final.time_share S: its trials end when S of the budget is left, and the final stage trains as many members as fit
+in it (ending the trials earlier for more members). And (d) the hand recipe: the contest winners' recipe (RECIPE: AdamW, warm-up then cosine to 1e-3,
 shift-scale-rotate, mixup/cutmix, label smoothing 0.1, dropout 0.2, 15 epochs) on all labelled images, as many
 seeds one after another as fit in the wall time of the first share's run, soft-voted with cpu.yaml's test-time
 views. Ends with `greedy/top: +X.X pts  worst set: +Y.Y pts  final/recipe: +Z.Z pts` (the first share's run against
@@ -223,7 +223,7 @@ def write_space(name: str, folder: Path, work: Path, budget: float, extra_space:
     return space
 
 
-def select_rows(name: str, folder: Path, work: Path, budget: float, shares: list[float]) -> dict:
+def select_rows(name: str, folder: Path, work: Path, budget: float, shares: list[tuple[str, float]]) -> dict:
     """--rows select: one search whose trials end in time for one round of members (two, side by side), then each
     final stage of SELECT_VARIANTS on it; then a whole run per final.time_share in `shares`; then (d) for the first
     of those runs' wall time. Each row's wall time: the whole run's (search, final stage, predictions)."""
@@ -240,23 +240,30 @@ def select_rows(name: str, folder: Path, work: Path, budget: float, shares: list
         variant = final_variant(outcome.experiment_dir, folder, work, final, outcome.final_members)
         rows[label] = {**variant, "wall_s": search_s + variant["final_s"]}
         print(f"accuracy: {name}: {label}: {rows[label]}", flush=True)
-    for share in shares:
-        space = write_space(name, folder, work, budget, final={"select": "greedy", "members": "auto",
+    for select, share in shares:
+        space = write_space(name, folder, work, budget, final={"select": select, "members": "auto",
                                                                 "time_share": share})
         started = time.perf_counter()
         run = tuneprod.search(space, progress=lambda line: print(line, flush=True))
         wall = time.perf_counter() - started
-        rows[share_label(share)] = {"test_acc": scored(run.experiment_dir / "predictions.csv", folder),
-                                    "wall_s": wall, **member_counts(run.experiment_dir / "final")}
-        print(f"accuracy: {name}: {share_label(share)}: {rows[share_label(share)]}", flush=True)
+        label = share_label(select, share)
+        rows[label] = {"test_acc": scored(run.experiment_dir / "predictions.csv", folder), "wall_s": wall,
+                       **member_counts(run.experiment_dir / "final")}
+        print(f"accuracy: {name}: {label}: {rows[label]}", flush=True)
     views = tuple(yaml.safe_load((ROOT / "search_spaces" / "cpu.yaml").read_text())["final"]["tta"])
-    rows["(d) recipe"] = hand_recipe(folder, work, rows[share_label(shares[0])]["wall_s"], views)
+    rows["(d) recipe"] = hand_recipe(folder, work, rows[share_label(*shares[0])]["wall_s"], views)
     print(f"accuracy: {name}: (d) recipe: {rows['(d) recipe']}", flush=True)
     return rows
 
 
-def share_label(share: float) -> str:
-    return f"greedy, auto, share {share:g}"
+def share_label(select: str, share: float) -> str:
+    return f"{select}, auto, share {share:g}"
+
+
+def parsed_share(text: str) -> tuple[str, float]:
+    """`--shares` entry: `0.5` (greedy selection) or `top:0.5`."""
+    select, _, share = text.rpartition(":")
+    return select or "greedy", float(share)
 
 
 def member_counts(final: Path) -> dict:
@@ -415,8 +422,9 @@ def main() -> None:
     parser.add_argument("--sets", default="demo,fashion,digits")
     parser.add_argument("--work", type=Path, default=Path("accuracy_bench"))
     parser.add_argument("--shares", default="0.5",
-                        help="--rows select: final.time_share of each whole run with greedy, auto members; the first "
-                             "is the candidate default, against which (d) and the summary line are measured")
+                        help="--rows select: [SELECT:]SHARE of each whole run with members auto, final.time_share "
+                             "SHARE and final.select SELECT (default greedy); the first is the candidate default, "
+                             "against which (d) and the summary line are measured")
     parser.add_argument("--rows", default="methods,choices",
                         help="methods: (a)/(b)/(c) and their variants; choices: the fine-tuning choices on the best "
                              "configuration; space: cpu.yaml with every choice searchable vs as shipped; select: "
@@ -424,7 +432,7 @@ def main() -> None:
                              "(default: methods,choices)")
     args = parser.parse_args()
     rows = set(args.rows.split(","))
-    shares = [float(share) for share in args.shares.split(",")]
+    shares = [parsed_share(share) for share in args.shares.split(",")]
     import ray
 
     os.environ.setdefault("TUNEPROD_CACHE", str((args.work / "cache").absolute()))
@@ -486,11 +494,11 @@ def report(results: dict, budget: float) -> None:
     print(f"\nfinal/seed: {100 * np.mean(gains_seed):+.1f} pts  final/single: {100 * np.mean(gains_single):+.1f} pts")
 
 
-def report_select(selects: dict, budget: float, shares: list[float]) -> None:
+def report_select(selects: dict, budget: float, shares: list[tuple[str, float]]) -> None:
     if not selects:
         return
-    runs = [*SELECT_VARIANTS, *map(share_label, shares)]
-    new_default = share_label(shares[0])
+    runs = [*SELECT_VARIANTS, *(share_label(*share) for share in shares)]
+    new_default = share_label(*shares[0])
     print(f"\nFinal stages (search.time_budget_s {budget:.0f}; test accuracy, whole-run wall time, members / "
           f"distinct configurations; (d): seeds). The first {len(SELECT_VARIANTS)} share one search.\n")
     print(f"{'set':<8}" + "".join(f"{label:>27}" for label in [*runs, "(d) recipe"]))
