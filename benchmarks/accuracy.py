@@ -39,11 +39,12 @@ final.members 2 or auto (as many as fit in the time the search left, at most two
 selection's votes); each row's wall time is the search's plus its own final stage and predictions. Then, for each
 --shares [SELECT:]S, a whole run of cpu.yaml with final.select SELECT (greedy unless given), members auto and
 final.time_share S: its trials end when S of the budget is left, and the final stage trains as many members as fit
-in it (ending the trials earlier for more members). And (d) the hand recipe: the contest winners' recipe (RECIPE: AdamW, warm-up then cosine to 1e-3,
-shift-scale-rotate, mixup/cutmix, label smoothing 0.1, dropout 0.2, 15 epochs) on all labelled images, as many
-seeds one after another as fit in the wall time of the first share's run, soft-voted with cpu.yaml's test-time
-views. Ends with `greedy/top: +X.X pts  worst set: +Y.Y pts  final/recipe: +Z.Z pts` (the first share's run against
-top, 2 members: the mean and the least gain over the sets; against (d): the mean).
+in it (ending the trials earlier for more members). And (d) the hand recipe: the contest winners' recipe (RECIPE:
+AdamW, warm-up then cosine to 1e-3, shift-scale-rotate, mixup/cutmix, label smoothing 0.1, dropout 0.2, 15
+epochs) on all labelled images, as many seeds one after another as fit in the wall time of the first share's run,
+soft-voted with cpu.yaml's test-time views. Ends with `greedy/top: +X.X pts  worst set: +Y.Y pts  final/recipe:
++Z.Z pts` (the first share's run against top, 2 members: the mean and the least gain over the sets; against (d):
+the mean).
 """
 from __future__ import annotations
 

@@ -73,6 +73,7 @@ class RecordedSet:
     seconds: np.ndarray  # configuration x seed x epoch
     train_images: int
     classes: int
+    warmup_epochs: float  # the longest learning-rate warm-up its space allows (the grace period's auto rule)
 
     @property
     def max_epochs(self) -> int:
@@ -103,11 +104,13 @@ def load_sets(folder: Path = CURVES, names: Optional[list[str]] = None) -> list[
         rows = rows[rows["configuration"].isin(complete)].sort_values(["configuration", "seed", "epoch"])
         shape = (len(complete), seeds, epochs)
         params = configurations[(configurations["set"] == name) & configurations["configuration"].isin(complete)]
+        space = load_spec(ROOT / "search_spaces" / sets.loc[name, "space"])
         found.append(RecordedSet(name, sets.loc[name, "space"],
                                  params.sort_values("configuration").drop(columns="set").reset_index(drop=True),
                                  rows["val_acc"].to_numpy(float).reshape(shape),
                                  rows["seconds"].to_numpy(float).reshape(shape),
-                                 int(sets.loc[name, "train_images"]), int(sets.loc[name, "classes"])))
+                                 int(sets.loc[name, "train_images"]), int(sets.loc[name, "classes"]),
+                                 max(space.search_values("warmup_epochs"))))
     return found
 
 
@@ -328,7 +331,8 @@ def make_scheduler(method: str, recorded: RecordedSet) -> TrialScheduler:
     settings = dict(option.split("=") for option in options)
     reduction_factor = float(settings.get("rf", REDUCTION_FACTOR))
     grace = int(settings.get("grace", 0)) or auto_grace_period(recorded.train_images, recorded.classes,
-                                                               recorded.max_epochs, reduction_factor)
+                                                               recorded.max_epochs, reduction_factor,
+                                                               recorded.warmup_epochs)
     rungs = dict(metric="val_acc", mode="max", max_t=recorded.max_epochs, reduction_factor=reduction_factor)
     if kind == "fifo":
         return FIFOScheduler()

@@ -7,7 +7,8 @@ from ray import cloudpickle
 
 from tuneprod.spec import UserError, spec_from_dict
 from tuneprod.tuning.budget import (AUTO_MEMBERS_MOST, FIXED_OVERHEAD_S, BudgetStopper, MemberPlan, Speed, Workload,
-                                    final_estimate, makespan, members_that_fit, minimum_seconds)
+                                    final_estimate, makespan, members_that_fit, minimum_seconds,
+                                    restored_stopper)
 from tuneprod.tuning.endings import TrialEndings
 from tuneprod.tuning.tuner import plan_budget
 
@@ -119,15 +120,18 @@ def test_without_a_final_stage_the_budget_is_the_trials_alone():
     assert stopper.stop_all()
 
 
-def test_the_stopper_travels_with_the_experiment_and_its_budget_restarts_on_resume():
+def test_the_stopper_travels_with_the_experiment_and_its_budget_restarts_on_resume(tmp_path):
     console = threading.Lock()  # a console that cannot be pickled (the CLI's print, once Ray has replaced it)
     stopper = BudgetStopper(100, WORK, SPEED, "val_acc", "max", lambda line: console and None)
+    stopper.endings = TrialEndings.open(tmp_path, 10)
     stopper("a", {"epoch": 2, "val_acc": 0.5})
     stopper.started -= 500
     assert stopper.stop_all()
+    assert restored_stopper(tmp_path) is None
     restored = cloudpickle.loads(cloudpickle.dumps(stopper))
     assert restored.best == stopper.best and restored.progress is print
     assert not restored.stopped and restored.used_s() < 5
+    assert restored_stopper(tmp_path) is restored  # where the resumed search asks how many members fit
 
 
 def test_auto_members_are_as_many_as_fit_in_the_time_left_taking_the_best_plans_in_turn():

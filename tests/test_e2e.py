@@ -108,8 +108,9 @@ def test_interrupted_search_resumes_from_checkpoints(tmp_path, ray_two_cpus):
                          # One trial at a time: when Ctrl-C comes, the running trial has checkpoints to resume
                          # from, and the others have not started.
                          search={"num_samples": 3, "max_concurrent_trials": 1,
-                                 "scheduler": {"type": "fifo", "max_epochs": 30},
-                                 "start_from": [{"backbone": "test_resnet", "batch_size": 16}]})
+                                 "scheduler": {"type": "fifo", "max_epochs": 30}, "time_budget_s": 900,
+                                 "start_from": [{"backbone": "test_resnet", "batch_size": 16}]},
+                         final={"members": "auto", "epochs": 1})  # sized by the budget Ray restores
     experiment = tmp_path / "runs" / "shrunk_demo"
     search = subprocess.Popen([sys.executable, "-m", "tuneprod.cli", "search", str(space), "--storage",
                                str(tmp_path / "runs")], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
@@ -126,7 +127,8 @@ def test_interrupted_search_resumes_from_checkpoints(tmp_path, ray_two_cpus):
     cut = [p for p in experiment.glob("trial_*/progress.csv") if 0 < len(pd.read_csv(p)) < 30]
     assert len(cut) == 1  # one trial was stopped mid-run
 
-    outcome = tuneprod.resume(experiment)
+    lines = []
+    outcome = tuneprod.resume(experiment, progress=lines.append)
     table = pd.read_parquet(experiment / "trials.parquet")
     assert outcome.trials == 3 and (table["epochs_run"] == 30).all()
     # The study holds the same three trials, each finished, and the start point once (a naive restore asks it
@@ -141,7 +143,11 @@ def test_interrupted_search_resumes_from_checkpoints(tmp_path, ray_two_cpus):
         # Continued from its checkpoint, not restarted: epoch 1 ran once. (The epoch after the last checkpoint
         # Ray recorded may run twice.)
         assert epochs.count(1) == 1 and sorted(set(epochs)) == list(range(1, 31)), (progress, epochs)
-    assert (experiment / "final" / "member_1" / "model.safetensors").is_file()
+    # The restored budget sizes final.members auto (a resume once trained one round of slots, whatever the time).
+    sized = [line for line in lines if line.startswith("tuneprod: final.members auto: ")]
+    assert len(sized) == 1, lines
+    members = int(sized[0].split(": ")[2].split()[0])
+    assert members > 2 and len(list((experiment / "final").glob("member_*/model.safetensors"))) == members
 
 
 def test_member_tasks_run_on_ray_and_a_failing_member_is_reported(tmp_path, ray_two_cpus):

@@ -112,6 +112,13 @@ def test_auto_grace_period_from_the_data_size(train, classes, max_epochs, factor
     assert auto_grace_period(train, classes, max_epochs, factor) == expected
 
 
+@pytest.mark.parametrize("warmup, expected", [(0.0, 1), (1.0, 2), (0.5, 2), (2.5, 4), (20.0, 10)])
+def test_auto_grace_period_comes_a_whole_epoch_after_the_longest_warm_up(warmup, expected):
+    """The contest's size wants 1 epoch; a rung during the warm-up would rank the learning rates' ramps (capped at
+    max_epochs // reduction_factor, 10 here)."""
+    assert auto_grace_period(38_400, 1000, 30, 3, warmup) == expected
+
+
 # ------------------------------------------------------------------------------------------ through Ray
 def _trainable(config):
     """Reports val_acc = config's quality each epoch; its state (epochs trained) lives in the checkpoint."""

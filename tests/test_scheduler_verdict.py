@@ -13,11 +13,11 @@ import scheduler_verdict as verdict  # noqa: E402
 
 def hand_made(curves: list[list[float]], seconds: float = 1.0, train_images: int = 400, classes: int = 10,
               params: list[dict] | None = None) -> verdict.RecordedSet:
-    """One recorded seed per configuration; 40 images a class makes the auto grace period 1 epoch."""
+    """One recorded seed per configuration; 40 images a class and no warm-up make the auto grace period 1 epoch."""
     accuracy = np.array(curves, dtype=float)[:, None, :]
     params = params or [{"configuration": n} for n in range(len(curves))]
     return verdict.RecordedSet("hand", "demo.yaml", pd.DataFrame(params), accuracy,
-                               np.full_like(accuracy, seconds), train_images, classes)
+                               np.full_like(accuracy, seconds), train_images, classes, warmup_epochs=0.0)
 
 
 def replayed(recorded, scheduler: str, workers: int, budget_s: float, order: list[int]) -> verdict.Replay:

@@ -12,6 +12,7 @@ import math
 import statistics
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable, Optional, Sequence
 
 from ray import tune
@@ -201,3 +202,14 @@ class BudgetStopper(tune.Stopper):
 
     def __setstate__(self, state: dict) -> None:
         self.__dict__.update(state, progress=print, started=time.monotonic(), stopped=False)
+        if self.endings is not None and self.endings.experiment_dir is not None:
+            _restored[self.endings.experiment_dir] = self
+
+
+# experiment folder -> the stopper Tuner.restore brought back for it: Ray keeps it inside the restored tuner, and a
+# resumed search asks it, as a new one asks its own, how many members fit in the time its trials left.
+_restored: dict[Path, BudgetStopper] = {}
+
+
+def restored_stopper(experiment_dir: Path) -> Optional[BudgetStopper]:
+    return _restored.get(Path(experiment_dir))

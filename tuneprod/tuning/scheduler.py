@@ -285,10 +285,13 @@ class RunningTrialsLimiter(ConcurrencyLimiter):
 GRACE_SIGHTINGS_PER_CLASS = 20
 
 
-def auto_grace_period(train_images: int, classes: int, max_epochs: int, reduction_factor: float) -> int:
+def auto_grace_period(train_images: int, classes: int, max_epochs: int, reduction_factor: float,
+                      warmup_epochs: float = 0.0) -> int:
     """The first rung in epochs, from the data size: a 48k-image epoch of 1000 classes holds 48 sightings a class (1
-    epoch is enough); a 1.5k-image epoch of 764 classes holds 2 (10 epochs would be needed). Capped so that at least
-    one rung is left below max_epochs."""
+    epoch is enough); a 1.5k-image epoch of 764 classes holds 2 (10 epochs would be needed). And after the longest
+    learning-rate warm-up the space allows, plus one whole epoch: during the warm-up every trial's learning rate is
+    still rising, and its score says more about the ramp than about the configuration. Capped so that at least one
+    rung is left below max_epochs."""
     per_epoch = train_images / max(classes, 1)
-    wanted = math.ceil(GRACE_SIGHTINGS_PER_CLASS / max(per_epoch, 1e-9))
+    wanted = max(math.ceil(GRACE_SIGHTINGS_PER_CLASS / max(per_epoch, 1e-9)), math.ceil(warmup_epochs) + 1)
     return max(1, min(wanted, int(max_epochs // reduction_factor)))

@@ -25,7 +25,7 @@ from tuneprod.train.loop import measure_speed
 from tuneprod.train.models import WeightsError, ensure_pretrained_weights
 from tuneprod.tuning import results
 from tuneprod.tuning.budget import (BudgetStopper, MemberPlan, Speed, Workload, final_estimate, minimum_seconds,
-                                    trial_seconds)
+                                    restored_stopper, trial_seconds)
 from tuneprod.tuning.console import SearchView
 from tuneprod.tuning.endings import CUT, FAILED, FINISHED, STOPPED, TrialEndings
 from tuneprod.tuning.nodes import check_seen_by_every_node
@@ -118,8 +118,13 @@ def run_search(spec: Spec, address: Optional[str] = None, progress: Callable[[st
     )
     progress(f"tuneprod: watch it with `tuneprod dashboard {spec.experiment_dir}` or "
              f"`tensorboard --logdir {spec.experiment_dir}`")
-    outcome = _fit(spec, tuner, images, endings, progress, verbose)
-    if stopper is None or not (final and spec.final.enabled) or spec.final.members != "auto":
+    return _sized_final(spec, _fit(spec, tuner, images, endings, progress, verbose), stopper, progress)
+
+
+def _sized_final(spec: Spec, outcome: SearchOutcome, stopper: Optional[BudgetStopper],
+                 progress: Callable[[str], None]) -> SearchOutcome:
+    """final.members auto under a time budget: as many members as fit in the time the trials left."""
+    if stopper is None or not stopper.work.final or spec.final.members != "auto":
         return outcome
     members = stopper.final_members()
     progress(f"tuneprod: final.members auto: {members} member(s) fit in the {stopper.left_s():.0f} s left")
@@ -160,7 +165,8 @@ def grace_period(spec: Spec, data: TrialData) -> int:
     options = spec.search.scheduler
     if options.grace_period != "auto":
         return options.grace_period
-    return auto_grace_period(len(data.train), len(data.train.classes), options.max_epochs, options.reduction_factor)
+    return auto_grace_period(len(data.train), len(data.train.classes), options.max_epochs, options.reduction_factor,
+                             max(spec.search_values("warmup_epochs")))
 
 
 def _budget(spec: Spec, data: TrialData, images: DecodedImages, grace: int, final: bool,
@@ -273,7 +279,8 @@ def resume_search(spec: Spec, address: Optional[str] = None, progress: Callable[
         tuner = tune.Tuner.restore(ray_experiment, trainable=_trainable(spec, data, address, progress),
                                    resume_unfinished=True, resume_errored=False, restart_errored=False)
     progress(f"tuneprod: resuming the search in {experiment_dir}")
-    return _fit(spec, tuner, images, endings, progress, verbose)
+    outcome = _fit(spec, tuner, images, endings, progress, verbose)
+    return _sized_final(spec, outcome, restored_stopper(experiment_dir), progress)
 
 
 def _trial_data(spec: Spec, progress: Callable[[str], None]) -> tuple[DecodedImages, TrialData]:
@@ -478,7 +485,7 @@ def _scheduler(spec: Spec, grace: int, endings: TrialEndings, progress: Callable
     scheduler = PromotingASHA(metric, mode, options.max_epochs, grace, options.reduction_factor,
                               spec.search.max_concurrent_trials, stop_losers, endings)
     rungs = ", ".join(map(str, scheduler.rungs.milestones)) or "none"
-    how = "auto, from the data size" if options.grace_period == "auto" else "search.scheduler.grace_period"
+    how = "auto, from the data size and warm-up" if options.grace_period == "auto" else "search.scheduler.grace_period"
     others = "the others stop" if stop_losers else "the others wait, paused, for a later promotion"
     progress(f"tuneprod: trials are compared at epochs {rungs} (first rung: {how}): a trial waits, paused, until "
              f"{scheduler.rungs.peers} have reached its rung; the best 1/{options.reduction_factor:g} go on, {others}")
