@@ -16,12 +16,13 @@ gets the whole wall time that (b)/(c) took:
   (a) seed    the seed author's recipe transplanted: Adam lr 1e-4, batch 32, dropout 0.3, light augmentation,
               20% random validation, cosine over a fixed number of epochs (as many as the budget holds, from a
               timed first epoch), one model, no TTA
-  (b) single  tuneprod search_spaces/cpu.yaml (time_budget_s: --search-budget), then the best configuration
-              retrained on all labelled data, with the mirror as its only test-time view (tuneprod's output before
-              the final stage): member_1 of (c)'s final stage, scored alone. One member runs as one
-              Ray task on one core, so alone it takes the same wall time as (c)'s two members side by side.
-  (c) final   the same search + final stage as cpu.yaml sets it: the 2 best distinct configurations on all data,
-              soft vote, test-time views final.tta.
+  (b) single  tuneprod search_spaces/cpu.yaml (time_budget_s: --search-budget; the final stage TODAYS_FINAL), then
+              the best configuration retrained on all labelled data, with the mirror as its only test-time view
+              (tuneprod's output before the final stage): member_1 of (c)'s final stage, scored alone. One member
+              runs as one Ray task on one core, so alone it takes the same wall time as (c)'s two members side by
+              side.
+  (c) final   the same search + its final stage: the 2 best distinct configurations on all data, soft vote,
+              test-time views final.tta.
               Scored from the same members: TTA variants, and the weight-averaged soup (all members share the
               pretrained lite0 start). And a second final stage on the same search, for the same wall time:
               the best configuration with 2 seeds instead of the 2 best configurations (soft vote, and soup).
@@ -100,6 +101,9 @@ RECIPE = Hyperparams(backbone=BACKBONE, pretrained=True, optimizer="adamw", lr=1
 RECIPE_EPOCHS = 15
 # --rows select: final stages on one search (trials cut in time for a final stage of two members side by side).
 TODAY = "top, 2 members"
+# The final stage these rows compare against, pinned (cpu.yaml's before it took members: auto and time_share): the 2
+# best distinct configurations, side by side on 2 cores.
+TODAYS_FINAL = {"select": "top", "members": 2, "seeds": 1, "time_share": 0.0}
 SELECT_VARIANTS = {TODAY: {"select": "top", "members": 2}, "greedy, 2 members": {"select": "greedy", "members": 2},
                    "greedy, auto": {"select": "greedy", "members": "auto"}}
 AS_SEARCHED = "as searched"
@@ -208,10 +212,10 @@ def seed_recipe(folder: Path, work: Path, budget: float) -> dict:
 def write_space(name: str, folder: Path, work: Path, budget: float, extra_space: dict | None = None,
                 final: dict | None = None) -> Path:
     """cpu.yaml pointed at the set, with the budget; `extra_space`: entries added to (or replacing) its space;
-    `final`: entries replacing its final section's."""
+    the final stage TODAYS_FINAL, `final`: entries replacing its."""
     raw = yaml.safe_load((ROOT / "search_spaces" / "cpu.yaml").read_text())
     raw["space"].update(extra_space or {})
-    raw["final"].update(final or {})
+    raw["final"].update({**TODAYS_FINAL, **(final or {})})
     raw["data"] = {"train": str(folder / ("train.csv" if name == "demo" else "train")), "test": str(folder / "test"),
                    "val_fraction": 0.2, "image_size": SIZE}
     if name == "demo":  # its manifest has each photo's elevation: validate on an unseen one

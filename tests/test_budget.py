@@ -156,9 +156,25 @@ def test_time_share_ends_the_trials_earlier_and_the_time_left_buys_more_members(
                            said.append)
     for stopper in (plain, shared):
         stopper("a", {"epoch": 2, "val_acc": 0.5})  # n members of 2 epochs: 40 s + 5 s to predict each, + 30.8 s
-        stopper.started -= 600  # 600 s used, 400 left
-    assert not plain.stop_all() and shared.stop_all()  # 75 s still fits; half the budget (500 s) does not
-    assert "final.time_share keeps 50% of the budget" in said[0]
-    assert shared.final_members() == 8 and plain.final_members() == 8  # 400 s left: 8 x 45 + 30.8 fits
+        stopper.started -= 500  # 500 s used, 500 left
+    # Half the budget would be 500 s, but the most members auto trains, 8, need 8 x 45 + 30.8 = 390.8 s: the trials
+    # go on until then (and without time_share until 75.8 s are left).
+    assert not plain.stop_all() and not shared.stop_all()
+    shared.started -= 110  # 390 s left
+    assert not plain.stop_all() and shared.stop_all()
+    assert "final.time_share keeps 391 s for it" in said[0]
+    # Cut with 390.8 s kept for them: 8 members, though the clock moved on while the trials stopped.
+    assert shared.final_members() == 8
+    plain.started -= 100  # 400 s left: 8 x 45 + 30.8 fits
+    assert plain.final_members() == 8
     plain.started -= 250  # 150 s left: 2 x 45 + 30.8 fits, 3 x 45 + 30.8 does not
     assert plain.final_members() == 2
+
+
+def test_time_share_keeps_its_share_when_the_most_members_need_more():
+    """Members of 20 epochs: 400 s + 5 s to predict each; 8 of them would need far more than half of 1000 s."""
+    auto = Workload(**{**WORK.__dict__, "members": 1, "slots": 1, "time_share": 0.5})
+    stopper = BudgetStopper(1000, auto, SPEED, "val_acc", "max", lambda _: None)
+    stopper("a", {"epoch": 20, "val_acc": 0.5})
+    assert stopper.reserve_s(stopper.estimate()) == 500
+    assert stopper.reserve_s(stopper.estimate()) > stopper.estimate().total_s  # one member: 435.8 s

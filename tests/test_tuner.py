@@ -1,5 +1,6 @@
 """How the search is set up, with hand-picked specs: searcher, scheduler, resources, --data. No trials run."""
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
@@ -8,7 +9,7 @@ from tuneprod.api import data_overrides
 from tuneprod.spec import UserError, spec_from_dict
 from tuneprod.tuning.endings import TrialEndings
 from tuneprod.tuning.scheduler import PromotingASHA
-from tuneprod.tuning.tuner import _scheduler, _searcher, check_resources_fit, trial_resources
+from tuneprod.tuning.tuner import _scheduler, _searcher, check_resources_fit, grace_period, trial_resources
 
 
 def spec_of(**sections):
@@ -23,6 +24,16 @@ def searcher_of(spec, folder: Path):
     """The searcher, keeping its study in `folder` (which a search creates before the searcher)."""
     folder.mkdir()
     return _searcher(spec.placed(folder), grace=1, endings=TrialEndings(folder, 4))
+
+
+@pytest.mark.parametrize("warmup, expected", [(0.0, 1), (1.0, 2), ({"uniform": [0.0, 3.0]}, 4)])
+def test_the_auto_grace_period_waits_out_the_longest_warm_up_a_trial_can_have(warmup, expected):
+    """48 photos a class each epoch want 1 epoch; a warm-up in the space wants a whole epoch after its longest."""
+    class Train(list):
+        classes = tuple(range(10))
+
+    spec = spec_of(space={"warmup_epochs": warmup}, search={"scheduler": {"max_epochs": 30, "reduction_factor": 3}})
+    assert grace_period(spec, SimpleNamespace(train=Train([0] * 480))) == expected
 
 
 def test_searcher_runs_start_points_first_then_samples_the_space(tmp_path):

@@ -89,11 +89,18 @@ def members_that_fit(work: Workload, speed: Speed, best: Sequence[MemberPlan], s
     """final.members auto: how many members the final stage can train, and predict with, in `seconds`. The best
     trials' plans are taken in turn (in the final stage a configuration picked again is another seed of it); at
     least one round of slots, at most AUTO_MEMBERS_MOST (or the slots, if more)."""
-    count, most = work.slots, max(work.slots, AUTO_MEMBERS_MOST)
-    while count < most and final_estimate(work, speed, [best[n % len(best)] for n in range(count + 1)]).total_s \
-            <= seconds:
+    count, most = work.slots, most_auto_members(work)
+    while count < most and final_estimate(work, speed, taken_in_turn(best, count + 1)).total_s <= seconds:
         count += 1
     return count
+
+
+def most_auto_members(work: Workload) -> int:
+    return max(work.slots, AUTO_MEMBERS_MOST)
+
+
+def taken_in_turn(best: Sequence[MemberPlan], count: int) -> list[MemberPlan]:
+    return [best[n % len(best)] for n in range(count)]
 
 
 def trial_seconds(work: Workload, speed: Speed, epochs: int) -> float:
@@ -131,6 +138,7 @@ class BudgetStopper(tune.Stopper):
         self.eval_speeds: list[float] = []
         self.started = time.monotonic()
         self.stopped = False
+        self.reserved_s: Optional[float] = None  # what the trials left the final stage when they were cut
         self.endings: Optional[TrialEndings] = None  # the search's record, where the cut is written
 
     def __call__(self, trial_id: str, result: dict) -> bool:
@@ -163,12 +171,19 @@ class BudgetStopper(tune.Stopper):
         return final_estimate(self.work, self.speed(), self.members())
 
     def reserve_s(self, estimate: FinalEstimate) -> float:
-        """What the trials leave: the planned final stage, or final.time_share of the budget if that is more."""
-        return max(estimate.total_s, self.work.time_share * self.budget_s)
+        """What the trials leave: the planned final stage, or more with final.time_share: that share of the budget,
+        but no more than the most members final.members auto trains need (the rest would go unused)."""
+        if not self.work.time_share:
+            return estimate.total_s
+        plans = taken_in_turn(self._best_plans(self.work.members), most_auto_members(self.work))
+        most_s = final_estimate(self.work, self.speed(), plans).total_s
+        return max(estimate.total_s, min(self.work.time_share * self.budget_s, most_s))
 
     def final_members(self) -> int:
-        """final.members auto, once the trials have ended: as many members as fit in the time left."""
-        return members_that_fit(self.work, self.speed(), self._best_plans(self.work.members), self.left_s())
+        """final.members auto, once the trials have ended: as many members as fit in the time they left (when cut,
+        what they were cut for: the seconds the trials take to stop are within the setup's estimate)."""
+        seconds = self.left_s() if self.reserved_s is None else self.reserved_s
+        return members_that_fit(self.work, self.speed(), self._best_plans(self.work.members), seconds)
 
     def used_s(self) -> float:
         return time.monotonic() - self.started
@@ -181,15 +196,15 @@ class BudgetStopper(tune.Stopper):
             return True
         estimate = self.estimate()
         if self.used_s() + self.reserve_s(estimate) >= self.budget_s:
-            self.stopped = True
+            self.stopped, self.reserved_s = True, self.reserve_s(estimate)
             if self.endings is not None:
                 self.endings.cut_by_budget()
             what = (f"~{estimate.members_s:.0f} s for the final stage ({len(self.members())} member(s)), "
                     f"~{estimate.predict_s:.0f} s for predictions and ~{estimate.overhead_s:.0f} s of setup"
                     if self.work.final else "nothing after the trials")
             if self.reserve_s(estimate) > estimate.total_s:
-                what += (f"; final.time_share keeps {self.work.time_share:.0%} of the budget for it, so "
-                         f"final.members auto can train more")
+                what += (f"; final.time_share keeps {self.reserve_s(estimate):.0f} s for it, so final.members auto "
+                         f"can train more")
             self.progress(f"tuneprod: {self.used_s():.0f} s of the {self.budget_s:.0f} s budget used: ending the "
                           f"trials, leaving {self.left_s():.0f} s ({what})")
         return self.stopped
@@ -201,7 +216,7 @@ class BudgetStopper(tune.Stopper):
         return {key: value for key, value in self.__dict__.items() if key != "progress"}
 
     def __setstate__(self, state: dict) -> None:
-        self.__dict__.update(state, progress=print, started=time.monotonic(), stopped=False)
+        self.__dict__.update(state, progress=print, started=time.monotonic(), stopped=False, reserved_s=None)
         if self.endings is not None and self.endings.experiment_dir is not None:
             _restored[self.endings.experiment_dir] = self
 
