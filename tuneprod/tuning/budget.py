@@ -195,16 +195,16 @@ class BudgetStopper(tune.Stopper):
         if self.stopped:
             return True
         estimate = self.estimate()
-        if self.used_s() + self.reserve_s(estimate) >= self.budget_s:
-            self.stopped, self.reserved_s = True, self.reserve_s(estimate)
+        reserve = self.reserve_s(estimate)
+        if self.used_s() + reserve >= self.budget_s:
+            self.stopped, self.reserved_s = True, reserve
             if self.endings is not None:
                 self.endings.cut_by_budget()
             what = (f"~{estimate.members_s:.0f} s for the final stage ({len(self.members())} member(s)), "
                     f"~{estimate.predict_s:.0f} s for predictions and ~{estimate.overhead_s:.0f} s of setup"
                     if self.work.final else "nothing after the trials")
-            if self.reserve_s(estimate) > estimate.total_s:
-                what += (f"; final.time_share keeps {self.reserve_s(estimate):.0f} s for it, so final.members auto "
-                         f"can train more")
+            if reserve > estimate.total_s:
+                what += f"; final.time_share keeps {reserve:.0f} s for it, so final.members auto can train more"
             self.progress(f"tuneprod: {self.used_s():.0f} s of the {self.budget_s:.0f} s budget used: ending the "
                           f"trials, leaving {self.left_s():.0f} s ({what})")
         return self.stopped
