@@ -60,6 +60,7 @@ import shutil
 import sys
 import time
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 import pandas as pd
@@ -104,8 +105,8 @@ RECIPE_EPOCHS = 15
 # --rows select: final stages on one search (trials cut in time for a final stage of two members side by side).
 TODAY = "top, 2 members"
 # The final stage these rows compare against, pinned (cpu.yaml's before it took members: auto and time_share): the 2
-# best distinct configurations, side by side on 2 cores.
-TODAYS_FINAL = {"select": "top", "members": 2, "seeds": 1, "time_share": 0.0}
+# best distinct configurations, side by side on 2 cores, each for its trial's best epoch.
+TODAYS_FINAL = {"select": "top", "members": 2, "seeds": 1, "time_share": 0.0, "epochs": "best"}
 SELECT_VARIANTS = {TODAY: {"select": "top", "members": 2}, "greedy, 2 members": {"select": "greedy", "members": 2},
                    "greedy, auto": {"select": "greedy", "members": "auto"}}
 AS_SEARCHED = "as searched"
@@ -248,7 +249,7 @@ def write_space(name: str, folder: Path, work: Path, budget: float, extra_space:
     return space
 
 
-def select_rows(name: str, folder: Path, work: Path, budget: float, shares: list[tuple[str, float]]) -> dict:
+def select_rows(name: str, folder: Path, work: Path, budget: float, shares: list[tuple]) -> dict:
     """--rows select: one search whose trials end in time for one round of members (two, side by side), then each
     final stage of SELECT_VARIANTS on it; then a whole run per final.time_share in `shares`; then (d) for the first
     of those runs' wall time. Each row's wall time: the whole run's (search, final stage, predictions)."""
@@ -265,13 +266,14 @@ def select_rows(name: str, folder: Path, work: Path, budget: float, shares: list
         variant = final_variant(outcome.experiment_dir, folder, work, final, outcome.final_members)
         rows[label] = {**variant, "wall_s": search_s + variant["final_s"]}
         print(f"accuracy: {name}: {label}: {rows[label]}", flush=True)
-    for select, share in shares:
+    preset_epochs = yaml.safe_load((ROOT / "search_spaces" / "cpu.yaml").read_text())["final"]["epochs"]
+    for select, share, epochs in shares:
         space = write_space(name, folder, work, budget, final={"select": select, "members": "auto",
-                                                                "time_share": share})
+                                                                "time_share": share, "epochs": epochs or preset_epochs})
         started = time.perf_counter()
         run = tuneprod.search(space, progress=lambda line: print(line, flush=True))
         wall = time.perf_counter() - started
-        label = share_label(select, share)
+        label = share_label(select, share, epochs)
         rows[label] = {"test_acc": scored(run.experiment_dir / "predictions.csv", folder), "wall_s": wall,
                        **member_counts(run.experiment_dir / "final")}
         print(f"accuracy: {name}: {label}: {rows[label]}", flush=True)
@@ -281,14 +283,16 @@ def select_rows(name: str, folder: Path, work: Path, budget: float, shares: list
     return rows
 
 
-def share_label(select: str, share: float) -> str:
-    return f"{select}, auto, share {share:g}"
+def share_label(select: str, share: float, epochs: Optional[str]) -> str:
+    return f"{select}, auto, share {share:g}" + (f", epochs {epochs}" if epochs else "")
 
 
-def parsed_share(text: str) -> tuple[str, float]:
-    """`--shares` entry: `0.5` (greedy selection) or `top:0.5`."""
-    select, _, share = text.rpartition(":")
-    return select or "greedy", float(share)
+def parsed_share(text: str) -> tuple[str, float, Optional[str]]:
+    """`--shares` entry: `0.5` (greedy selection), `top:0.5`, or `top:0.5:best` (that final.epochs; by default
+    cpu.yaml's)."""
+    parts = text.split(":")
+    select, share, *epochs = parts if len(parts) > 1 else ["greedy", *parts]
+    return select, float(share), (epochs[0] if epochs else None)
 
 
 def member_counts(final: Path) -> dict:
@@ -447,9 +451,10 @@ def main() -> None:
     parser.add_argument("--sets", default="demo,fashion,digits,shift")
     parser.add_argument("--work", type=Path, default=Path("accuracy_bench"))
     parser.add_argument("--shares", default="0.5",
-                        help="--rows select: [SELECT:]SHARE of each whole run with members auto, final.time_share "
-                             "SHARE and final.select SELECT (default greedy); the first is the candidate default, "
-                             "against which (d) and the summary line are measured")
+                        help="--rows select: [SELECT:]SHARE[:EPOCHS] of each whole run with members auto, "
+                             "final.time_share SHARE, final.select SELECT (default greedy) and final.epochs EPOCHS "
+                             "(default cpu.yaml's); the first is the candidate default, against which (d) and the "
+                             "summary line are measured")
     parser.add_argument("--rows", default="methods,choices",
                         help="methods: (a)/(b)/(c) and their variants; choices: the fine-tuning choices on the best "
                              "configuration; space: cpu.yaml with every choice searchable vs as shipped; select: "
@@ -519,20 +524,21 @@ def report(results: dict, budget: float) -> None:
     print(f"\nfinal/seed: {100 * np.mean(gains_seed):+.1f} pts  final/single: {100 * np.mean(gains_single):+.1f} pts")
 
 
-def report_select(selects: dict, budget: float, shares: list[tuple[str, float]]) -> None:
+def report_select(selects: dict, budget: float, shares: list[tuple]) -> None:
     if not selects:
         return
     runs = [*SELECT_VARIANTS, *(share_label(*share) for share in shares)]
     new_default = share_label(*shares[0])
     print(f"\nFinal stages (search.time_budget_s {budget:.0f}; test accuracy, whole-run wall time, members / "
           f"distinct configurations; (d): seeds). The first {len(SELECT_VARIANTS)} share one search.\n")
-    print(f"{'set':<8}" + "".join(f"{label:>27}" for label in [*runs, "(d) recipe"]))
+    widths = [max(27, len(label) + 2) for label in [*runs, "(d) recipe"]]
+    print(f"{'set':<8}" + "".join(f"{label:>{w}}" for label, w in zip([*runs, "(d) recipe"], widths)))
     for name, rows in selects.items():
         cells = [f"{rows[l]['test_acc']:.3f} ({rows[l]['wall_s']:.0f} s, {rows[l]['members']}/"
                  f"{rows[l]['configurations']})" for l in runs]
         recipe = rows["(d) recipe"]
         cells.append(f"{recipe['test_acc']:.3f} ({recipe['wall_s']:.0f} s, {recipe['seeds']})")
-        print(f"{name:<8}" + "".join(f"{cell:>27}" for cell in cells))
+        print(f"{name:<8}" + "".join(f"{cell:>{w}}" for cell, w in zip(cells, widths)))
     gains = [rows[new_default]["test_acc"] - rows[TODAY]["test_acc"] for rows in selects.values()]
     recipe = [rows[new_default]["test_acc"] - rows["(d) recipe"]["test_acc"] for rows in selects.values()]
     print(f"\n{new_default} against {TODAY}, and against (d):")

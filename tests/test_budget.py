@@ -13,7 +13,7 @@ from tuneprod.tuning.endings import TrialEndings
 from tuneprod.tuning.tuner import plan_budget
 
 WORK = Workload(train_images=800, val_images=200, labelled_images=1000, test_images=200, views=10, members=2, seeds=1,
-                member_epochs_default=None, slots=1, final=True)
+                member_epochs="best", max_epochs=10, slots=1, final=True)
 SPEED = Speed(train_images_per_s=50, eval_images_per_s=400)
 
 
@@ -69,8 +69,26 @@ def test_minimum_is_one_trial_to_its_first_rung_then_members_of_as_many_epochs()
     assert trial == 2 * (800 / 50 + 200 / 400)
     assert final.members_s == 2 * 2 * 20  # two members of 2 epochs, one after the other
     assert total == pytest.approx(trial + final.total_s)
-    fixed = Workload(**{**WORK.__dict__, "member_epochs_default": 6})
+    fixed = Workload(**{**WORK.__dict__, "member_epochs": 6})
     assert minimum_seconds(fixed, SPEED, grace_period=2)[2].members_s == 2 * 6 * 20
+    # With final.epochs auto, a trial stopped at its first rung was still improving there: its member trains the
+    # whole horizon.
+    auto = Workload(**{**WORK.__dict__, "member_epochs": "auto"})
+    assert minimum_seconds(auto, SPEED, grace_period=2)[2].members_s == 2 * 10 * 20
+
+
+def test_with_auto_epochs_a_trial_still_improving_is_planned_for_the_whole_horizon():
+    """max_epochs 10: a trial whose best is its latest epoch so far (still improving, or running) is planned at 10;
+    one that peaked earlier, at its best epoch."""
+    stopper = BudgetStopper(1000, Workload(**{**WORK.__dict__, "member_epochs": "auto"}), SPEED, "val_acc", "max",
+                            lambda _: None)
+    for epoch, value in enumerate([0.2, 0.5, 0.7], 1):
+        stopper("rising", {"epoch": epoch, "val_acc": value})
+    for epoch, value in enumerate([0.3, 0.6, 0.5, 0.55], 1):
+        stopper("peaked", {"epoch": epoch, "val_acc": value})
+    assert stopper.members() == [MemberPlan(10), MemberPlan(2)]
+    stopper("rising", {"epoch": 4, "val_acc": 0.65})  # now it peaked at epoch 3
+    assert stopper.members() == [MemberPlan(3), MemberPlan(2)]
 
 
 def spec_with_budget(seconds):

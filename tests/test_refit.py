@@ -6,7 +6,7 @@ import pytest
 
 from tuneprod.tuning.endings import TrialEndings
 from tuneprod.final.stage import plan_members, soup_groups
-from tuneprod.spec import UserError, spec_from_dict
+from tuneprod.spec import UserError, member_epochs, spec_from_dict
 from tuneprod.tuning.results import TrialRecord, trials_table, write_results
 
 NAMES = ["optimizer", "lr", "batch_size"]
@@ -35,6 +35,21 @@ def test_auto_epochs_are_where_the_best_trial_peaked(tmp_path):
     assert plan.config.image_size == 40 and plan.config.seed == 7
 
 
+def test_auto_epochs_train_the_horizon_when_the_trial_was_still_improving(tmp_path):
+    """Trial b peaked at the last epoch it ran (1), short of max_epochs (10: stopped at a rung, or cut): `auto`
+    trains its member for 10 epochs, `best` for 1."""
+    records = [TrialRecord("b", {"optimizer": "adamw", "lr": 0.001, "batch_size": 16}, curve(0.3, 0.5))]
+    assert plan_members(experiment(tmp_path, {"epochs": "auto"}, records), tmp_path)[0].config.epochs == 10
+    assert plan_members(experiment(tmp_path, {"epochs": "best"}, records), tmp_path)[0].config.epochs == 2
+
+
+@pytest.mark.parametrize("final_epochs, best, run, expected", [
+    ("auto", 3, 5, 3), ("auto", 5, 5, 10), ("auto", 10, 10, 10), ("auto", 12, 12, 12),
+    ("best", 5, 5, 5), (7, 3, 5, 7), (7, 5, 5, 7)])
+def test_member_epochs(final_epochs, best, run, expected):
+    assert member_epochs(final_epochs, best, run, max_epochs=10) == expected
+
+
 def test_fixed_epochs_override_the_peak(tmp_path):
     assert plan_members(experiment(tmp_path, {"epochs": 7}), tmp_path)[0].config.epochs == 7
 
@@ -55,7 +70,7 @@ def test_top_k_distinct_configurations_with_seeds(tmp_path):
         TrialRecord("failed", {"optimizer": "adamw", "lr": 0.5, "batch_size": 16}, curve(0.95), error="NaN"),
         TrialRecord("worst", {"optimizer": "sgd", "lr": 0.3, "batch_size": 16}, curve(0.1)),
     ]
-    plans = plan_members(experiment(tmp_path, {"members": 3, "seeds": 2}, records), tmp_path)
+    plans = plan_members(experiment(tmp_path, {"members": 3, "seeds": 2, "epochs": "best"}, records), tmp_path)
     # Failed trials are never chosen, however good; ties keep the search's order.
     assert [p.trial_id for p in plans] == ["a", "a", "tie1", "tie1", "tie2", "tie2"]
     assert [p.config.seed for p in plans] == [7, 8] * 3

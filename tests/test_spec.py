@@ -82,7 +82,7 @@ def test_scientific_notation_is_a_float(tmp_path):
     ("data: {train: x}\nresources: {gpus_per_trial: half}\n",
      "resources.gpus_per_trial: the value is 'half', but must be 'auto' or a fraction of one GPU in [0, 1]"),
     ("data: {train: x}\nresources: {gpus_per_trial: 2}\n", "resources.gpus_per_trial: the value is 2"),
-    ("data: {train: x}\nretrain: {epochs: many}\n", "retrain.epochs: the value is 'many', but must be 'auto' or"),
+    ("data: {train: x}\nretrain: {epochs: many}\n", "retrain.epochs: the value is 'many', but must be 'auto', 'best' or an integer"),
     ("data: {train: x}\nfinal: {members: 0}\n", "final.members: the value is 0, but must be 'auto' or an integer >= 1"),
     ("data: {train: x}\nfinal: {members: auto, seeds: 3}\n", "final.seeds: the value is 3, but with final.members: auto"),
     ("data: {train: x}\nsearch: {time_budget_s: 60}\nfinal: {members: 2, time_share: 0.4}\n",

@@ -346,21 +346,29 @@ class FinalSpec(_Strict):
     weighted votes. `members: auto`: as many members as fit in the time the search leaves (at least as many as
     train at once on the cluster), shared out by the selection's weights, so that a selection that keeps picking
     one configuration trains it with more seeds. `time_share`: the least share of search.time_budget_s the trials
-    leave to the final stage and predictions (with members: auto; 0: what one round of members needs)."""
+    leave to the final stage and predictions (with members: auto; 0: what one round of members needs). `epochs`:
+    see member_epochs."""
 
     enabled: bool = True
     members: Union[Literal["auto"], int] = 1
     seeds: int = Field(1, ge=1)
     select: Literal["top", "greedy"] = "top"
-    epochs: Union[Literal["auto"], int] = "auto"
+    epochs: Union[Literal["auto", "best"], int] = "auto"
     tta: tuple[str, ...] = ("flip", "crops")  # measured best by benchmarks/accuracy.py on every set
     soup: bool = False
     time_share: float = Field(0.0, ge=0, lt=1)
 
-    @field_validator("epochs", "members", mode="before")
+    @field_validator("members", mode="before")
     @classmethod
     def _positive(cls, value):
         return _auto_or_number(value, lambda v: v >= 1 and v == int(v), "'auto' or an integer >= 1")
+
+    @field_validator("epochs", mode="before")
+    @classmethod
+    def _epochs(cls, value):
+        if value == "best":
+            return value
+        return _auto_or_number(value, lambda v: v >= 1 and v == int(v), "'auto', 'best' or an integer >= 1")
 
     @model_validator(mode="after")
     def _seeds_follow_auto_members(self):
@@ -382,6 +390,18 @@ class FinalSpec(_Strict):
                 or len(set(value)) != len(value):
             raise ValueError(expected)
         return tuple(value)
+
+
+def member_epochs(final_epochs: Union[str, int], best_epoch: int, epochs_run: int, max_epochs: int) -> int:
+    """The epochs a member trains (its learning-rate schedule spans them), by final.epochs: a number, as set; `best`,
+    its trial's best epoch (where its metric peaked); `auto`, the same, unless the trial peaked at the last epoch it
+    ran, short of max_epochs: stopped at a rung or cut by the budget while still improving, its best epoch is only
+    a floor, and the member trains for max_epochs, the horizon the search planned for every trial."""
+    if final_epochs not in ("auto", "best"):
+        return int(final_epochs)
+    if final_epochs == "auto" and best_epoch >= epochs_run:
+        return max(max_epochs, best_epoch)
+    return best_epoch
 
 
 @dataclass(frozen=True)

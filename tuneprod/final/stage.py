@@ -4,8 +4,8 @@ validation), combined by a weighted soft vote (optionally souped), saved as `fin
 Members: the configurations final.select chooses (the best distinct ones, or ensemble selection over the trials'
 validation predictions; failed trials never), each with `final.seeds` seeds (data order, augmentation, mixing;
 members fine-tuned from pretrained weights share the head's initial weights too, so that they can be souped).
-Epochs: with final.epochs 'auto', as many as the member's trial had run when its metric peaked (its best_epoch);
-the learning-rate schedule spans exactly those epochs.
+Epochs: spec.member_epochs, from the member's trial (where its metric peaked, and whether it was still improving
+when it stopped); the learning-rate schedule spans exactly those epochs.
 """
 from __future__ import annotations
 
@@ -25,7 +25,8 @@ from tuneprod.final.ensemble import soup
 from tuneprod.final.inference import Scorer, predict, score_images
 from tuneprod.final.predictions import PredictionReport
 from tuneprod.final.selection import KEPT_PREDICTIONS, Selection, greedy_selection, share_out
-from tuneprod.spec import EXPERIMENT_SPEC, Hyperparams, Spec, TrialConfig, UserError, is_uri, load_spec
+from tuneprod.spec import (EXPERIMENT_SPEC, Hyperparams, Spec, TrialConfig, UserError, is_uri, load_spec,
+                           member_epochs)
 from tuneprod.storage import RemoteFolder
 from tuneprod.train.cache import DecodedImages, labelled_images
 from tuneprod.train.data import TEST_LABELS, check_test_images
@@ -136,7 +137,8 @@ def plan_members(spec: Spec, experiment_dir: Path, slots: int = 1, chosen: Optio
     plans = []
     for row, votes, count in zip(chosen.rows, chosen.votes, seeds):
         hp = Hyperparams.from_params(results.params_of(row, names))
-        epochs = int(row["best_epoch"]) if spec.final.epochs == "auto" else spec.final.epochs
+        epochs = member_epochs(spec.final.epochs, int(row["best_epoch"]), int(row["epochs_run"]),
+                               spec.search.scheduler.max_epochs)
         for offset in range(count):
             # Members fine-tuned from pretrained weights share their whole start, the new head included, so that
             # they stay averageable (a soup); from scratch, each seed starts from its own weights.

@@ -13,11 +13,11 @@ import statistics
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Optional, Sequence
+from typing import Callable, Optional, Sequence, Union
 
 from ray import tune
 
-from tuneprod.spec import Hyperparams
+from tuneprod.spec import Hyperparams, member_epochs
 from tuneprod.tuning.endings import TrialEndings
 
 AUTO_MEMBERS_MOST = 8  # final.members auto: past a handful of members, another adds little (and costs predictions)
@@ -43,10 +43,15 @@ class Workload:
     views: int  # forward passes per test image and member (test-time augmentation)
     members: int  # distinct configurations (final.members)
     seeds: int  # each trained with this many seeds (final.seeds)
-    member_epochs_default: Optional[int]  # final.epochs when fixed; None: each member's trial's best epoch
+    member_epochs: Union[str, int]  # final.epochs: a number, or 'auto' or 'best' (from each member's trial)
+    max_epochs: int  # search.scheduler.max_epochs
     slots: int  # members trained at once
     final: bool  # whether the final stage and predictions follow the trials
     time_share: float = 0.0  # final.time_share: the least share of the budget the trials leave
+
+    def epochs_for(self, best_epoch: int, epochs_run: int) -> int:
+        """A member's epochs, from its trial's best epoch and the epochs it ran (spec.member_epochs)."""
+        return member_epochs(self.member_epochs, best_epoch, epochs_run, self.max_epochs)
 
 
 @dataclass(frozen=True)
@@ -108,9 +113,9 @@ def trial_seconds(work: Workload, speed: Speed, epochs: int) -> float:
 
 
 def minimum_seconds(work: Workload, speed: Speed, grace_period: int) -> tuple[float, float, FinalEstimate]:
-    """The least a run can do: one trial to its first rung, then members of that many epochs, then predictions.
-    Returns (total, the trial's part, the final part)."""
-    epochs = work.member_epochs_default or grace_period
+    """The least a run can do: one trial to its first rung, then members as final.epochs trains them after such a
+    trial, then predictions. Returns (total, the trial's part, the final part)."""
+    epochs = work.epochs_for(grace_period, grace_period)
     final = final_estimate(work, speed, [MemberPlan(epochs)] * (work.members * work.seeds))
     trial = trial_seconds(work, speed, grace_period)
     return trial + final.total_s, trial, final
@@ -121,12 +126,13 @@ class _TrialBest:
     score: float  # higher is better
     epoch: int
     gallery: bool  # its model predicts by a gallery
+    latest_epoch: int  # the last it reported
 
 
 class BudgetStopper(tune.Stopper):
     """Ends all trials once the time used plus the final stage's estimate reaches the budget. The estimate follows
-    the search: the members are the current best trials (each for its best epoch so far, or final.epochs), at the
-    median speed the trials report."""
+    the search: the members are the current best trials (each for the epochs final.epochs gives it, from its best and
+    latest epochs so far), at the median speed the trials report."""
 
     def __init__(self, budget_s: float, work: Workload, first_speed: Speed, metric: str, mode: str,
                  progress: Callable[[str], None] = print):
@@ -142,13 +148,14 @@ class BudgetStopper(tune.Stopper):
         self.endings: Optional[TrialEndings] = None  # the search's record, where the cut is written
 
     def __call__(self, trial_id: str, result: dict) -> bool:
-        value = result.get(self.metric)
+        value, epoch = result.get(self.metric), int(result.get("epoch", 1))
         if isinstance(value, (int, float)) and math.isfinite(value):
             score = self.sign * value
             best = self.best.get(trial_id)
             if best is None or score > best.score:
                 gallery = Hyperparams.from_params(result.get("config") or {}).predicts_by_gallery
-                self.best[trial_id] = _TrialBest(score, int(result.get("epoch", 1)), gallery)
+                best = self.best[trial_id] = _TrialBest(score, epoch, gallery, epoch)
+            best.latest_epoch = max(best.latest_epoch, epoch)
         for key, speeds in (("images_per_s", self.train_speeds), ("eval_images_per_s", self.eval_speeds)):
             if result.get(key):
                 speeds.append(float(result[key]))
@@ -164,8 +171,8 @@ class BudgetStopper(tune.Stopper):
 
     def _best_plans(self, count: int) -> list[MemberPlan]:
         top = sorted(self.best.values(), key=lambda b: -b.score)[:count]
-        return [MemberPlan(self.work.member_epochs_default or b.epoch, b.gallery) for b in top] or \
-            [MemberPlan(self.work.member_epochs_default or 1)]
+        return [MemberPlan(self.work.epochs_for(b.epoch, b.latest_epoch), b.gallery) for b in top] or \
+            [MemberPlan(self.work.epochs_for(1, 1))]
 
     def estimate(self) -> FinalEstimate:
         return final_estimate(self.work, self.speed(), self.members())

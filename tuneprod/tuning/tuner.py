@@ -194,7 +194,7 @@ def plan_budget(spec: Spec, work: Workload, speed: Speed, grace: int,
                         f"final.members or final.time_share")
     members = work.members * work.seeds
     most = final_estimate(work, speed,
-                          [MemberPlan(work.member_epochs_default or spec.search.scheduler.max_epochs)] * members)
+                          [MemberPlan(work.epochs_for(work.max_epochs, work.max_epochs))] * members)
     after = (f"; then the final stage (~{most.members_s + most.overhead_s:.0f} s at most: {members} member(s) on "
              f"{work.slots} slot(s)) and predictions (~{most.predict_s:.0f} s), re-planned from the trials' speed "
              f"and best epochs as they report" if final else "")
@@ -210,13 +210,12 @@ def _workload(spec: Spec, data: TrialData, images: DecodedImages, final: bool) -
     test = spec.data.test_path
     slots = member_slots(spec)
     auto = spec.final.members == "auto"  # as many members as slots: the time of one
-    epochs = spec.final.epochs
     return Workload(train_images=len(data.train), val_images=len(data.val), labelled_images=len(images),
                     test_images=len(list_images(test)) if final and test is not None else 0,
                     views=view_count(spec.final.tta), members=slots if auto else spec.final.members,
                     seeds=1 if auto else spec.final.seeds,
-                    member_epochs_default=None if epochs == "auto" else epochs, slots=slots, final=final,
-                    time_share=spec.final.time_share)
+                    member_epochs=spec.final.epochs, max_epochs=spec.search.scheduler.max_epochs, slots=slots,
+                    final=final, time_share=spec.final.time_share)
 
 
 def member_slots(spec: Spec) -> int:
