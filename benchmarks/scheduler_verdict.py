@@ -110,7 +110,7 @@ def load_sets(folder: Path = CURVES, names: Optional[list[str]] = None) -> list[
                                  rows["val_acc"].to_numpy(float).reshape(shape),
                                  rows["seconds"].to_numpy(float).reshape(shape),
                                  int(sets.loc[name, "train_images"]), int(sets.loc[name, "classes"]),
-                                 max(space.search_values("warmup_epochs"))))
+                                 space.longest_warmup_epochs))
     return found
 
 

@@ -488,6 +488,11 @@ class Spec:
         ends)."""
         return sorted(set(self.space.values_of(name)) | {p[name] for p in self.search.start_from if name in p})
 
+    @property
+    def longest_warmup_epochs(self) -> float:
+        """The longest learning-rate warm-up a trial may get (grace_period auto puts the first rung after it)."""
+        return max(self.search_values("warmup_epochs"))
+
     def pretrained_backbones(self) -> list[str]:
         """The backbones some trial may train from pretrained weights."""
         return self.search_values("backbone") if True in self.search_values("pretrained") else []

@@ -127,7 +127,7 @@ def usable_trials(table: pd.DataFrame, metric: str) -> pd.DataFrame:
 def furthest_trained(usable: pd.DataFrame, count: int) -> pd.DataFrame:
     """The trials that ran at least as many epochs as the `count`-th furthest, in the table's order: those whose
     validation predictions compare. One stopped at an early rung is a snapshot of a schedule it never finished, and
-    its member, retrained for that many epochs, is another model."""
+    the member retrained from it is another model."""
     least = usable["epochs_run"].nlargest(max(count, 1)).min()
     return usable[usable["epochs_run"] >= least]
 

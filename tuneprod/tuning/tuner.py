@@ -166,7 +166,7 @@ def grace_period(spec: Spec, data: TrialData) -> int:
     if options.grace_period != "auto":
         return options.grace_period
     return auto_grace_period(len(data.train), len(data.train.classes), options.max_epochs, options.reduction_factor,
-                             max(spec.search_values("warmup_epochs")))
+                             spec.longest_warmup_epochs)
 
 
 def _budget(spec: Spec, data: TrialData, images: DecodedImages, grace: int, final: bool,
