@@ -1,4 +1,5 @@
-"""Prediction speed: `tuneprod predict` on a final/ folder (torch, eager) against the exported model.onnx under
+"""Prediction speed: `tuneprod predict` on a final/ folder with its members in eager torch (as without
+onnxruntime installed; with it, on a CPU, predict runs each member in onnxruntime) against the exported model.onnx under
 onnxruntime, on the same images with the same batch size, in one run. A benchmark, not a test.
 
     pip install -e ".[export,lite]"
@@ -15,6 +16,7 @@ whether the two label every image alike, the largest probability difference, and
 from __future__ import annotations
 
 import argparse
+import functools
 import shutil
 import sys
 import time
@@ -31,7 +33,7 @@ from tuneprod.demo import generate_demo  # noqa: E402
 from tuneprod.final import artifact, portable  # noqa: E402
 from tuneprod.final.export import export  # noqa: E402
 from tuneprod.final.ensemble import soft_vote  # noqa: E402
-from tuneprod.final.inference import member_probabilities, predict  # noqa: E402
+from tuneprod.final.inference import member_probabilities, predict, score_images  # noqa: E402
 from tuneprod.spec import Hyperparams, TrialConfig  # noqa: E402
 from tuneprod.train.cache import decoded  # noqa: E402
 from tuneprod.train.data import decode_resized, index_images, list_images  # noqa: E402
@@ -91,8 +93,9 @@ def measure(name: str, views: tuple[str, ...], work: Path, count: int, batch_siz
     model = portable.load(onnx_file)
     quiet = lambda _: None  # noqa: E731
     torch_csv, onnx_csv = work / "torch.csv", work / "onnx.csv"
+    eager = functools.partial(score_images, use_onnxruntime=False)  # else predict runs the members in onnxruntime
     whole_torch = best_rate(len(paths), lambda: predict(folder, test, torch_csv, tta=views, batch_size=batch_size,
-                                                        progress=quiet), repeats)
+                                                        progress=quiet, scorer=eager), repeats)
     whole_onnx = best_rate(len(paths), lambda: portable.predict(onnx_file, test, onnx_csv, batch_size=batch_size,
                                                                 progress=quiet), repeats)
     pixels = np.stack([decode_resized(p, model.image_size) for p in paths])

@@ -8,7 +8,7 @@ from ray import cloudpickle
 from tuneprod.spec import UserError, spec_from_dict
 from tuneprod.tuning.budget import (AUTO_MEMBERS_MOST, FIXED_OVERHEAD_S, BudgetStopper, MemberPlan, Speed, Workload,
                                     final_estimate, makespan, members_that_fit, minimum_seconds,
-                                    restored_stopper)
+                                    restored_stopper, shard_sizes)
 from tuneprod.tuning.endings import TrialEndings
 from tuneprod.tuning.tuner import plan_budget
 
@@ -34,12 +34,30 @@ def test_final_stage_estimate():
 
 
 def test_predictions_are_scored_in_shards_side_by_side_one_per_slot():
-    """2500 test images: shards of 1000, 1000 and 500 on two slots take as long as 1500 images on one."""
+    """2500 test images: four shards of 625 on two slots take as long as 1250 images on one."""
     members = [MemberPlan(1)]
     one = final_estimate(Workload(**{**WORK.__dict__, "test_images": 2500}), SPEED, members).predict_s
     two = final_estimate(Workload(**{**WORK.__dict__, "test_images": 2500, "slots": 2}), SPEED, members).predict_s
-    assert one == pytest.approx(2500 * (10 / 400 + 0.004)) and two == pytest.approx(1500 * (10 / 400 + 0.004))
+    assert one == pytest.approx(2500 * (10 / 400 + 0.004)) and two == pytest.approx(1250 * (10 / 400 + 0.004))
     assert final_estimate(Workload(**{**WORK.__dict__, "test_images": 0}), SPEED, members).predict_s == 0
+
+
+@pytest.mark.parametrize("images, slots, expected", [(1597, 2, [799, 798]), (2500, 1, [834, 833, 833]),
+                                                     (2500, 2, [625] * 4), (3, 4, [1, 1, 1]), (0, 2, []),
+                                                     (1000, 1, [1000])])
+def test_shards_are_at_most_shard_images_and_even_over_the_slots(images, slots, expected):
+    assert shard_sizes(images, slots) == expected
+
+
+def test_faster_predictions_shorten_their_estimate_by_their_speedup():
+    """A member run in onnxruntime at twice torch's speed: the forward passes take half as long; decoding does not
+    change."""
+    members = [MemberPlan(1)]
+    twice = final_estimate(WORK, Speed(50, 400, predict_speedup=2.0), members).predict_s
+    assert twice == pytest.approx(200 * (10 / 800 + 0.004))
+    stopper = BudgetStopper(1000, WORK, Speed(50, 400, predict_speedup=2.0), "val_acc", "max", lambda _: None)
+    stopper("a", {"epoch": 1, "val_acc": 0.5, "images_per_s": 40, "eval_images_per_s": 300})
+    assert stopper.speed() == Speed(40, 300, 2.0)  # the trials' speeds, the probe's speedup
 
 
 def test_a_gallery_member_costs_one_more_pass_over_the_labelled_images():
@@ -154,14 +172,14 @@ def test_the_stopper_travels_with_the_experiment_and_its_budget_restarts_on_resu
 
 def test_auto_members_are_as_many_as_fit_in_the_time_left_taking_the_best_plans_in_turn():
     """1000 labelled images at 50/s: 20 s an epoch; predictions take 200 test images x (10 views a member at 400/s
-    + 0.004 s to decode), so 5 s a member + 0.8 s; setup 30 s."""
+    + 0.004 s to decode) in two shards side by side, so 2.5 s a member + 0.4 s; setup 30 s."""
     two_slots = Workload(**{**WORK.__dict__, "slots": 2})
     best = [MemberPlan(3), MemberPlan(2)]  # 60 s and 40 s
     assert members_that_fit(two_slots, SPEED, best, 0) == 2  # never fewer than one round of slots
-    # 3 members [60, 40, 60] on 2 slots: makespan 100, + 15.8 s of predictions + 30 s = 145.8
-    assert members_that_fit(two_slots, SPEED, best, 145.7) == 2
-    assert members_that_fit(two_slots, SPEED, best, 145.9) == 3
-    assert members_that_fit(two_slots, SPEED, best, 150.9) == 4  # [60, 40, 60, 40]: still 100, + 20.8 + 30
+    # 3 members [60, 40, 60] on 2 slots: makespan 100, + 7.9 s of predictions + 30 s = 137.9
+    assert members_that_fit(two_slots, SPEED, best, 137.8) == 2
+    assert members_that_fit(two_slots, SPEED, best, 138.0) == 3
+    assert members_that_fit(two_slots, SPEED, best, 140.5) == 4  # [60, 40, 60, 40]: still 100, + 10.4 + 30
     assert members_that_fit(two_slots, SPEED, best, 10_000) == AUTO_MEMBERS_MOST
     assert members_that_fit(Workload(**{**WORK.__dict__, "slots": 12}), SPEED, best, 10_000) == 12
 

@@ -194,13 +194,13 @@ def test_a_member_whose_worker_is_killed_is_trained_again_from_scratch(tmp_path,
 
 
 def test_predictions_scored_in_shards_on_ray_write_the_same_csv_as_here(tmp_path, ray_two_cpus, monkeypatch):
-    """Shards of 3 images, each task carrying its images' bytes: the CSV is the one a local predict writes, the
+    """Shards of at most 3 images, each task carrying its images' bytes: the CSV is the one a local predict writes, the
     unreadable files (a corrupt one, a named pipe the driver must not read) keep their rows, the progress is said."""
     import os
 
     from tuneprod.final import artifact
     from tuneprod.final.inference import predict
-    from tuneprod.tuning import final_tasks
+    from tuneprod.tuning import budget
 
     images = decoded(index_images(write_image_folder(tmp_path / "images", per_class=4)), 24)
     spec = spec_from_dict({"data": {"train": "x", "image_size": 24}, "resources": {"gpus_per_trial": 0}},
@@ -219,7 +219,7 @@ def test_predictions_scored_in_shards_on_ray_write_the_same_csv_as_here(tmp_path
     os.mkfifo(flat / "pipe.png")
     (flat / "test_labels.csv").write_text("file,label\n00.png,red\n01.png,red\n")
     here = predict(staging, flat, tmp_path / "here.csv")
-    monkeypatch.setattr(final_tasks, "SHARD_IMAGES", 3)
+    monkeypatch.setattr(budget, "SHARD_IMAGES", 3)  # 10 images on 2 slots: 3, 3, 2 and 2
     lines = []
     there = predict(staging, flat, tmp_path / "there.csv", progress=lines.append, scorer=cluster_scorer(spec))
     assert (tmp_path / "here.csv").read_text() == (tmp_path / "there.csv").read_text()

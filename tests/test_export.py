@@ -15,8 +15,8 @@ from tests.helpers import write_image_folder
 from tuneprod import api
 from tuneprod.final import artifact, portable
 from tuneprod.final.ensemble import soup
-from tuneprod.final.export import export, to_onnx
-from tuneprod.final.inference import predict, score_images
+from tuneprod.final.export import OnnxRunner, export, to_onnx
+from tuneprod.final.inference import prediction_speedup, predict, runnable, score_images
 from tuneprod.spec import Hyperparams, TrialConfig
 from tuneprod.train.cache import decoded
 from tuneprod.train.data import decode_resized, index_images, list_images
@@ -58,18 +58,24 @@ def ensemble_folder(folder, train, members: dict, tta, weights=None, vote=None, 
     return folder
 
 
+def eager(*args, **kwargs):
+    """score_images with every member in torch (on a CPU it would run them in onnxruntime)."""
+    return score_images(*args, **kwargs, use_onnxruntime=False)
+
+
 def assert_parity(model_dir, test_dir, tmp_path):
     """ONNX probabilities within 1e-4 of torch's on every test image, identical labels, and the same CSV labels."""
     onnx_file = export(model_dir, tmp_path / "model.onnx")
     ensemble = artifact.load(model_dir, torch.device("cpu"))
     paths = list_images(test_dir)
     with torch.inference_mode():
-        expected = score_images(model_dir, paths, ensemble.tta, ensemble.vote, progress=lambda _: None).votes.numpy()
+        expected = score_images(model_dir, paths, ensemble.tta, ensemble.vote, progress=lambda _: None,
+                                use_onnxruntime=False).votes.numpy()
     model = portable.load(onnx_file)
     got = model.probabilities(np.stack([decode_resized(p, SIZE) for p in paths]))
     assert np.abs(got - expected).max() <= 1e-4
     assert (got.argmax(1) == expected.argmax(1)).all()
-    from_torch = predict(model_dir, test_dir, tmp_path / "torch.csv", progress=lambda _: None)
+    from_torch = predict(model_dir, test_dir, tmp_path / "torch.csv", progress=lambda _: None, scorer=eager)
     from_onnx = api.predict(onnx_file, test_dir, tmp_path / "onnx.csv", progress=lambda _: None)
     torch_table, onnx_table = pd.read_csv(from_torch.out), pd.read_csv(from_onnx.out)
     assert list(onnx_table.columns) == list(torch_table.columns)
@@ -157,6 +163,32 @@ def test_a_member_that_cannot_be_exported_is_named_with_its_operation(images, tm
     message = str(caught.value)
     assert message.startswith("member_2: cannot be exported to ONNX: ") and "fft_fft2" in message
     assert "\n" not in message
+
+
+@pytest.mark.parametrize("members", [
+    {"member_1": {"backbone": "resnet10t"}, "member_2": {"backbone": "mobilenetv3_small_100"}},
+    {"member_1": {"backbone": "test_efficientnet", "head": "arcface", "predict_by": "knn", "knn_k": 3,
+                  "embedding_size": 32}}], ids=["demo", "gallery"])
+def test_predictions_on_a_cpu_run_each_member_in_onnxruntime_with_torchs_probabilities(images, tmp_path, members):
+    train, test = images
+    folder = ensemble_folder(tmp_path / "final", train, members, tta=("flip", "crops"))
+    ensemble = artifact.load(folder, torch.device("cpu"))
+    assert all(isinstance(runnable(m.model, SIZE, torch.device("cpu")), OnnxRunner) for m in ensemble.members.values())
+    paths = list_images(test)
+    scored = list(ensemble.members)
+    fast = score_images(folder, paths, ensemble.tta, scored, progress=lambda _: None)
+    slow = eager(folder, paths, ensemble.tta, scored, progress=lambda _: None)
+    assert (fast.votes - slow.votes).abs().max() <= 1e-4
+    assert fast.member_labels == slow.member_labels and (fast.votes.argmax(1) == slow.votes.argmax(1)).all()
+
+
+def test_a_model_that_cannot_be_exported_is_run_by_torch_at_torchs_speed():
+    model = SpectralModel()
+    assert runnable(model, SIZE, torch.device("cpu")) is model
+    assert prediction_speedup(model, SIZE, torch.device("cpu")) == 1.0
+    speedup = prediction_speedup(torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.Flatten()), SIZE,
+                                 torch.device("cpu"))
+    assert speedup > 0 and speedup != 1.0
 
 
 def test_export_and_onnx_predict_on_the_command_line_and_without_torch(images, tmp_path):

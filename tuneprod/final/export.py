@@ -108,22 +108,21 @@ def to_onnx(ensemble: artifact.Ensemble):
 
     portable = PortableEnsemble(ensemble).eval()
     try:
-        return onnx.load_from_string(_trace(portable, ensemble.image_size))
+        return onnx.load_from_string(_trace(portable, _images(ensemble.image_size)))
     except Exception as exc:  # which member: each is tried alone, so that the message can name it
         for name in ensemble.vote:
             alone = artifact.Ensemble(ensemble.classes, ensemble.image_size, {name: ensemble.members[name]},
                                       (name,), ensemble.tta)
             try:
-                _trace(PortableEnsemble(alone).eval(), ensemble.image_size)
+                _trace(PortableEnsemble(alone).eval(), _images(ensemble.image_size))
             except Exception as member_exc:
                 raise artifact.ArtifactError(f"{name}: cannot be exported to ONNX: {_reason(member_exc)}") from None
         raise artifact.ArtifactError(f"the ensemble cannot be exported to ONNX: {_reason(exc)}") from None
 
 
-def _trace(module: nn.Module, image_size: int) -> bytes:
+def _trace(module: nn.Module, example: torch.Tensor) -> bytes:
     """torch.onnx's TorchScript-based exporter, with the batch dimension left free. (Its torch.export-based one took
     25 times as long for a test model here, and needs onnxscript.)"""
-    example = torch.zeros(2, image_size, image_size, 3, dtype=torch.uint8)
     buffer = io.BytesIO()
     # Quiet: the exporter's notes on traced shapes and its deprecation, and on a failure the whole graph, printed.
     with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()), torch.no_grad():
@@ -132,6 +131,27 @@ def _trace(module: nn.Module, image_size: int) -> bytes:
                           dynamic_axes={INPUT: {0: "batch"}, OUTPUT: {0: "batch"}}, opset_version=OPSET,
                           dynamo=False)
     return buffer.getvalue()
+
+
+def _images(image_size: int) -> torch.Tensor:
+    """The exported ensemble's input: uint8 RGB, N x H x W x 3."""
+    return torch.zeros(2, image_size, image_size, 3, dtype=torch.uint8)
+
+
+class OnnxRunner:
+    """One model as an onnxruntime session, called as the torch module is (normalised float N x 3 x H x W in, its
+    output out, as float32 on the CPU): how predictions run a member on a CPU (final/inference.py)."""
+
+    def __init__(self, model: nn.Module, image_size: int, threads: int):
+        import onnxruntime
+
+        options = onnxruntime.SessionOptions()
+        options.intra_op_num_threads = threads
+        graph = _trace(model.eval(), torch.zeros(2, 3, image_size, image_size))
+        self.session = onnxruntime.InferenceSession(graph, options, providers=["CPUExecutionProvider"])
+
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        return torch.from_numpy(self.session.run(None, {INPUT: images.float().contiguous().numpy()})[0])
 
 
 def _reason(exc: Exception) -> str:

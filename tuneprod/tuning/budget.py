@@ -30,6 +30,7 @@ SHARD_IMAGES = 1000  # test images per prediction task: the shards are scored si
 class Speed:
     train_images_per_s: float  # one trial's (or member's) training throughput, augmentation included
     eval_images_per_s: float  # forward passes only
+    predict_speedup: float = 1.0  # how much faster the test predictions run a model (final/inference.runnable)
 
 
 @dataclass(frozen=True)
@@ -85,9 +86,20 @@ def final_estimate(work: Workload, speed: Speed, members: Sequence[MemberPlan]) 
     epoch_s = work.labelled_images / speed.train_images_per_s
     gallery_s = work.labelled_images / speed.eval_images_per_s
     members_s = makespan([m.epochs * epoch_s + (gallery_s if m.gallery else 0.0) for m in members], work.slots)
-    per_image_s = work.views * len(members) / speed.eval_images_per_s + DECODE_S_PER_IMAGE
-    shards = [min(SHARD_IMAGES, work.test_images - first) for first in range(0, work.test_images, SHARD_IMAGES)]
+    per_image_s = work.views * len(members) / (speed.eval_images_per_s * speed.predict_speedup) + DECODE_S_PER_IMAGE
+    shards = shard_sizes(work.test_images, work.slots)
     return FinalEstimate(members_s, makespan([size * per_image_s for size in shards], work.slots), FIXED_OVERHEAD_S)
+
+
+def shard_sizes(images: int, slots: int) -> list[int]:
+    """The test images' shards, one prediction task each: at most SHARD_IMAGES, as many as a multiple of the slots
+    and as even as can be, so that no slot idles while another scores a last shard (1,597 images on 2 slots: 799
+    and 798, not 1,000 and 597)."""
+    if images <= 0:
+        return []
+    count = max(1, slots) * math.ceil(images / (max(1, slots) * SHARD_IMAGES))
+    count = min(count, images)
+    return [images // count + (1 if n < images % count else 0) for n in range(count)]
 
 
 def members_that_fit(work: Workload, speed: Speed, best: Sequence[MemberPlan], seconds: float) -> int:
@@ -163,7 +175,8 @@ class BudgetStopper(tune.Stopper):
 
     def speed(self) -> Speed:
         return Speed(statistics.median(self.train_speeds) if self.train_speeds else self.first_speed.train_images_per_s,
-                     statistics.median(self.eval_speeds) if self.eval_speeds else self.first_speed.eval_images_per_s)
+                     statistics.median(self.eval_speeds) if self.eval_speeds else self.first_speed.eval_images_per_s,
+                     self.first_speed.predict_speedup)
 
     def members(self) -> list[MemberPlan]:
         """The planned members: the best trials so far, each with the seeds it will be trained with."""

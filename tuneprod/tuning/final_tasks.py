@@ -18,7 +18,7 @@ from tuneprod.final.inference import Scores, Scorer, score_images
 from tuneprod.final.stage import MemberPlan, final_stage, load_experiment, predict_test, train_member
 from tuneprod.spec import Spec
 from tuneprod.train.cache import DecodedImages, localised
-from tuneprod.tuning.budget import SHARD_IMAGES  # a few tens of MB of JPEGs a task, through the object store
+from tuneprod.tuning.budget import shard_sizes
 from tuneprod.tuning.tuner import member_slots, start_ray, trial_resources
 
 HEARTBEAT_S = 120  # seconds between progress lines while members train
@@ -121,7 +121,7 @@ def _score_shard(model: dict[str, bytes], images: list[tuple[str, Optional[bytes
 
 
 def cluster_scorer(spec: Spec) -> Scorer:
-    """Scores images as Ray tasks over shards of SHARD_IMAGES, a few in flight per slot, in the order given."""
+    """Scores images as Ray tasks over shards (budget.shard_sizes), a few in flight per slot, in the order given."""
 
     def score(model_dir: Path, paths: Sequence[Path], views: Sequence[str], scored: Sequence[str], batch_size: int,
               workers: int, progress: Callable[[str], None]) -> Scores:
@@ -129,7 +129,8 @@ def cluster_scorer(spec: Spec) -> Scorer:
                          if p.is_file()})
         task = ray.remote(_score_shard).options(**_resources(spec), max_retries=spec.search.max_failures,
                                                 retry_exceptions=False)
-        shards = [list(paths[i:i + SHARD_IMAGES]) for i in range(0, len(paths), SHARD_IMAGES)]
+        sizes = shard_sizes(len(paths), member_slots(spec))
+        shards = [list(paths[sum(sizes[:n]):sum(sizes[:n + 1])]) for n in range(len(sizes))]
         in_flight = max(2, 2 * int(ray.cluster_resources().get("CPU", 1)))
         refs, results, started = {}, {}, time.monotonic()
         for number, shard in enumerate(shards):

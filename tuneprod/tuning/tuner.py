@@ -17,11 +17,13 @@ import ray
 from ray import tune
 
 from tuneprod.final.ensemble import view_count
+from tuneprod.final.inference import prediction_speedup
 from tuneprod.storage import ExperimentUploads, RemoteFolder
 from tuneprod.spec import EXPERIMENT_SPEC, Hyperparams, SearchInterrupted, Spec, TrialConfig, UserError
 from tuneprod.train.cache import DecodedImages, default_root, labelled_images, localised
 from tuneprod.train.data import DataError, check_test_images, list_images, validation_split
-from tuneprod.train.loop import measure_speed
+from tuneprod.train.heads import build_model
+from tuneprod.train.loop import default_device, measure_speed
 from tuneprod.train.models import WeightsError, ensure_pretrained_weights
 from tuneprod.tuning import results
 from tuneprod.tuning.budget import (BudgetStopper, MemberPlan, Speed, Workload, final_estimate, minimum_seconds,
@@ -196,14 +198,20 @@ def plan_budget(spec: Spec, work: Workload, speed: Speed, grace: int,
     most = final_estimate(work, speed,
                           [MemberPlan(work.epochs_for(work.max_epochs, work.max_epochs))] * members)
     after = (f"; then the final stage (~{most.members_s + most.overhead_s:.0f} s at most: {members} member(s) on "
-             f"{work.slots} slot(s)) and predictions (~{most.predict_s:.0f} s), re-planned from the trials' speed "
-             f"and best epochs as they report" if final else "")
+             f"{work.slots} slot(s)) and predictions (~{most.predict_s:.0f} s{_engine(speed)}), re-planned from the "
+             f"trials' speed and best epochs as they report" if final else "")
     if final and work.time_share:
         after += (f"; final.time_share keeps at least {work.time_share * budget:.0f} s for them, and "
                   f"final.members auto trains as many members as fit in what the trials leave")
     progress(f"tuneprod: budget {budget:.0f} s for the whole run: trials (an epoch ~"
              f"{trial_seconds(work, speed, 1):.0f} s at {speed.train_images_per_s:.0f} img/s){after}")
     return BudgetStopper(budget, work, speed, spec.search.metric, spec.search.direction, progress)
+
+
+def _engine(speed: Speed) -> str:
+    if speed.predict_speedup == 1.0:
+        return ""
+    return f"; members run in onnxruntime, {speed.predict_speedup:.1f}x torch's speed here"
 
 
 def _workload(spec: Spec, data: TrialData, images: DecodedImages, final: bool) -> Workload:
@@ -232,14 +240,22 @@ def _measured_speed(spec: Spec, data: TrialData, progress: Callable[[str], None]
     resources = trial_resources(spec, ray.cluster_resources().get("GPU", 0))
     config = TrialConfig(_probe_params(spec), image_size=data.image_size, epochs=data.max_epochs, seed=data.seed,
                          workers=data.workers)
-    task = ray.remote(measure_speed).options(num_cpus=resources["cpu"], num_gpus=resources["gpu"], max_retries=0)
+    task = ray.remote(_probe).options(num_cpus=resources["cpu"], num_gpus=resources["gpu"], max_retries=0)
     try:
-        return Speed(*ray.get(task.remote(config, data.train.classes, data.train, data.val), timeout=PROBE_TIMEOUT_S))
+        return ray.get(task.remote(config, data.train.classes, data.train, data.val), timeout=PROBE_TIMEOUT_S)
     except Exception as exc:  # the budget is then kept from the trials' own reports alone
         cause = getattr(exc, "cause", None) or exc
         progress(f"tuneprod: warning: could not measure the training speed ({type(cause).__name__}: "
                  f"{(str(cause) or 'no message').splitlines()[0]}); the budget is planned from the trials' reports")
         return Speed(math.inf, math.inf)
+
+
+def _probe(config: TrialConfig, classes: tuple[str, ...], train: DecodedImages, val: DecodedImages) -> Speed:
+    """The probe's task: a trial's training and evaluation speeds, and how much faster the test predictions will
+    run a model of its kind (untrained: speed does not depend on the weights)."""
+    train_speed, eval_speed = measure_speed(config, classes, train, val)
+    model = build_model(config.hp, len(classes), config.image_size, pretrained=False)
+    return Speed(train_speed, eval_speed, prediction_speedup(model, config.image_size, default_device()))
 
 
 def _probe_params(spec: Spec) -> Hyperparams:
