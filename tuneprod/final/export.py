@@ -19,7 +19,7 @@ from torch import nn
 from tuneprod.files import atomic_write
 from tuneprod.final import artifact
 from tuneprod.final.ensemble import soft_vote, view_probabilities
-from tuneprod.final.portable import ONNX_FORMAT
+from tuneprod.final.portable import ONNX_FORMAT, new_session
 from tuneprod.spec import TTA_VIEWS
 from tuneprod.train.heads import HeadedModel, centroid_scores, class_centroids, gallery_scores
 
@@ -143,12 +143,7 @@ class OnnxRunner:
     output out, as float32 on the CPU): how predictions run a member on a CPU (final/inference.py)."""
 
     def __init__(self, model: nn.Module, image_size: int, threads: int):
-        import onnxruntime
-
-        options = onnxruntime.SessionOptions()
-        options.intra_op_num_threads = threads
-        graph = _trace(model.eval(), torch.zeros(2, 3, image_size, image_size))
-        self.session = onnxruntime.InferenceSession(graph, options, providers=["CPUExecutionProvider"])
+        self.session = new_session(_trace(model.eval(), torch.zeros(2, 3, image_size, image_size)), threads)
 
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
         return torch.from_numpy(self.session.run(None, {INPUT: images.float().contiguous().numpy()})[0])

@@ -106,7 +106,7 @@ def runnable(model: nn.Module, image_size: int, device: torch.device) -> Callabl
     """How predictions run a model: on a CPU with onnxruntime installed (tuneprod[export]), as its ONNX graph in
     onnxruntime (the same probabilities within 1e-5; twice eager torch's images per second for lite0 at 64 px on 2
     cores, and exported in under a second); else, or where the model cannot be exported, the torch module."""
-    if device.type != "cpu" or importlib.util.find_spec("onnxruntime") is None:
+    if not predicts_in_onnxruntime(device):
         return model
     from tuneprod.final.export import OnnxRunner, exportable
 
@@ -116,14 +116,19 @@ def runnable(model: nn.Module, image_size: int, device: torch.device) -> Callabl
         return model
 
 
+def predicts_in_onnxruntime(device: torch.device) -> bool:
+    """Whether `runnable` runs models in onnxruntime on this device (where they can be exported)."""
+    return device.type == "cpu" and importlib.util.find_spec("onnxruntime") is not None
+
+
 def prediction_speedup(model: nn.Module, image_size: int, device: torch.device, batch: int = 32) -> float:
     """How many times eager torch's images per second `runnable` scores at, on a batch of random pixels (the
     second of two passes each, as the first pays one-time costs): 1.0 where predictions run in torch."""
-    model = model.eval().to(device)
+    model = model.eval()
     runner = runnable(model, image_size, device)
     if runner is model:
         return 1.0
-    images = torch.randn(batch, 3, image_size, image_size, device=device)
+    images = torch.randn(batch, 3, image_size, image_size)
     seconds = []
     for run in (model, runner):
         with torch.inference_mode():

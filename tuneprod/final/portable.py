@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Optional, Sequence
+from typing import Callable, Optional, Sequence, Union
 
 import numpy as np
 
@@ -41,16 +41,13 @@ class PortableModel:
 
 def load(path: Path, threads: Optional[int] = None) -> PortableModel:
     try:
-        import onnxruntime
+        import onnxruntime  # noqa: F401  (here for the message; new_session uses it)
     except ImportError:
         raise PortableModelError(f"{path}: an ONNX model needs onnxruntime: pip install 'tuneprod[export]'") from None
     if not Path(path).is_file():
         raise PortableModelError(f"{path}: no such file; pass a model.onnx written by tuneprod export")
-    options = onnxruntime.SessionOptions()
-    if threads:
-        options.intra_op_num_threads = threads
     try:
-        session = onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        session = new_session(str(path), threads)
     except Exception as exc:  # onnxruntime raises its own kinds for a damaged or foreign file
         raise PortableModelError(f"{path}: cannot load it as an ONNX model ({str(exc).splitlines()[0]})") from None
     metadata = session.get_modelmeta().custom_metadata_map
@@ -60,6 +57,17 @@ def load(path: Path, threads: Optional[int] = None) -> PortableModel:
     described = {key: json.loads(metadata[key]) for key in ("classes", "image_size", "tta")}
     return PortableModel(Path(path), session, tuple(described["classes"]), int(described["image_size"]),
                          tuple(described["tta"]))
+
+
+def new_session(model: Union[str, bytes], threads: Optional[int] = None):
+    """An onnxruntime session on the CPU for a file's path or a graph's bytes (threads: onnxruntime's default when
+    None)."""
+    import onnxruntime
+
+    options = onnxruntime.SessionOptions()
+    if threads:
+        options.intra_op_num_threads = threads
+    return onnxruntime.InferenceSession(model, options, providers=["CPUExecutionProvider"])
 
 
 def predict(model_path: Path, images: Path, out: Path, tta: Optional[Sequence[str]] = None, batch_size: int = 64,

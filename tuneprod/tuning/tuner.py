@@ -17,7 +17,7 @@ import ray
 from ray import tune
 
 from tuneprod.final.ensemble import view_count
-from tuneprod.final.inference import prediction_speedup
+from tuneprod.final.inference import prediction_speedup, predicts_in_onnxruntime
 from tuneprod.storage import ExperimentUploads, RemoteFolder
 from tuneprod.spec import EXPERIMENT_SPEC, Hyperparams, SearchInterrupted, Spec, TrialConfig, UserError
 from tuneprod.train.cache import DecodedImages, default_root, labelled_images, localised
@@ -252,10 +252,14 @@ def _measured_speed(spec: Spec, data: TrialData, progress: Callable[[str], None]
 
 def _probe(config: TrialConfig, classes: tuple[str, ...], train: DecodedImages, val: DecodedImages) -> Speed:
     """The probe's task: a trial's training and evaluation speeds, and how much faster the test predictions will
-    run a model of its kind (untrained: speed does not depend on the weights)."""
+    run a model of its kind (untrained: speed does not depend on the weights; built only where predictions may run
+    in onnxruntime)."""
     train_speed, eval_speed = measure_speed(config, classes, train, val)
+    device = default_device()
+    if not predicts_in_onnxruntime(device):
+        return Speed(train_speed, eval_speed)
     model = build_model(config.hp, len(classes), config.image_size, pretrained=False)
-    return Speed(train_speed, eval_speed, prediction_speedup(model, config.image_size, default_device()))
+    return Speed(train_speed, eval_speed, prediction_speedup(model, config.image_size, device))
 
 
 def _probe_params(spec: Spec) -> Hyperparams:
