@@ -111,3 +111,23 @@ def test_seeded_policy_is_reproducible():
     a = train_transform("heavy", 32, MEAN, STD, seed=5)
     b = train_transform("heavy", 32, MEAN, STD, seed=5)
     assert all(torch.equal(a(image=image)["image"], b(image=image)["image"]) for _ in range(3))
+
+
+def test_importing_the_policies_asks_no_server_for_updates():
+    """albumentations checks PyPI for a newer version when imported, unless told not to: in every trial process,
+    up to 2 s and a warning on an offline GPU node (seen on the GPU check's machine)."""
+    import os
+    import subprocess
+    import sys
+
+    probe = ("import urllib.request\n"
+             "asked = []\n"
+             "def refuse(self, url, *args, **kwargs):\n"
+             "    asked.append(getattr(url, 'full_url', url))\n"
+             "    raise OSError('offline')\n"
+             "urllib.request.OpenerDirector.open = refuse\n"
+             "import tuneprod.train.augment\n"
+             "print(len(asked))\n")
+    env = {key: value for key, value in os.environ.items() if key != "NO_ALBUMENTATIONS_UPDATE"}
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, env=env, check=True)
+    assert out.stdout.strip() == "0"

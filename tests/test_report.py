@@ -46,3 +46,16 @@ def test_the_summary_counts_the_endings_the_record_holds(tmp_path):
 
     page = write_report(experiment(tmp_path, records, decide)).read_text()
     assert "3 trials: 1 stopped by the scheduler, 2 cut by the time budget" in page
+
+
+def test_a_search_without_plotly_ends_with_a_warning_not_a_traceback(tmp_path, monkeypatch):
+    """On the GPU check's machine plotly was missing: the report's import must fail inside the guard that keeps
+    the search's results standing."""
+    import sys
+
+    from tuneprod import api
+    monkeypatch.delitem(sys.modules, "tuneprod.report", raising=False)
+    monkeypatch.setitem(sys.modules, "plotly", None)  # `import plotly...` now raises ImportError
+    said = []
+    api._report(tmp_path, said.append)
+    assert len(said) == 1 and "warning: could not write the report" in said[0] and "plotly" in said[0]

@@ -96,9 +96,9 @@ def _upload(experiment_dir: Path, progress: Callable[[str], None]) -> None:
 
 
 def _report(experiment_dir: Path, progress: Callable[[str], None]) -> None:
-    from tuneprod.report import write_report
-
     try:
+        from tuneprod.report import write_report  # plotly is imported here: its absence must not end the search
+
         progress(f"tuneprod: report in {write_report(experiment_dir)}")
     except Exception as exc:  # the search's results stand without it; `tuneprod report` can try again
         progress(f"tuneprod: warning: could not write the report ({type(exc).__name__}: {exc}); "

@@ -3,14 +3,18 @@
 numbers to whole batches on the trial's device. Mixup/cutmix act on batches in both cases."""
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
-import albumentations as A
-import cv2
-import numpy as np
-import torch
-from albumentations.pytorch import ToTensorV2
+# At import, albumentations asks PyPI for a newer version of itself (up to 2 s, and a warning where a node is offline,
+# as on the GPU check's machine), in every trial process a search starts.
+os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+import albumentations as A  # noqa: E402
+import cv2  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from albumentations.pytorch import ToTensorV2  # noqa: E402
 
 from tuneprod.spec import AUGMENT_POLICIES
 
