@@ -170,7 +170,7 @@ class BudgetStopper(tune.Stopper):
                 gallery = Hyperparams.from_params(result.get("config") or {}).predicts_by_gallery
                 best = self.best[trial_id] = _TrialBest(score, epoch, gallery, epoch)
             best.latest_epoch = max(best.latest_epoch, epoch)
-        if epoch > 1:  # a first epoch pays one-time costs: cuDNN autotuning, allocator growth, lazy CUDA set-up
+        if epoch > 1:  # a first epoch pays one-time costs (on a GPU: kernels loaded lazily, cuDNN's set-up)
             for key, speeds in (("images_per_s", self.train_speeds), ("eval_images_per_s", self.eval_speeds)):
                 if result.get(key):
                     speeds.append(float(result[key]))
