@@ -70,6 +70,21 @@ def test_a_first_epoch_speed_does_not_plan_the_final_stage():
     assert stopper.speed() == Speed(45, 380)
 
 
+def test_trials_packed_on_a_gpu_plan_members_at_the_speed_they_get_alone():
+    """Trials report their packed speed; members train with a GPU each: the estimate scales each report by its
+    configuration's speed-up alone (here 2x for batch 32, none for batch 128)."""
+    def alone(config: dict) -> float:
+        return 2.0 if config.get("batch_size") == 32 else 1.0
+
+    stopper = BudgetStopper(1000, WORK, SPEED, "val_acc", "max", lambda _: None, alone_speedup=alone)
+    stopper("a", {"epoch": 2, "val_acc": 0.5, "images_per_s": 40, "eval_images_per_s": 300,
+                  "config": {"batch_size": 32}})
+    assert stopper.speed() == Speed(80, 600)
+    stopper("b", {"epoch": 2, "val_acc": 0.5, "images_per_s": 100, "eval_images_per_s": 800,
+                  "config": {"batch_size": 128}})
+    assert stopper.speed() == Speed(90, 700)  # the medians of 80 and 100, and of 600 and 800
+
+
 def test_a_gallery_member_costs_one_more_pass_over_the_labelled_images():
     """A member that predicts by its gallery embeds every labelled image once (1000 at 400/s: 2.5 s)."""
     plain = final_estimate(WORK, SPEED, [MemberPlan(5), MemberPlan(3)])

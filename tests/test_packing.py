@@ -53,6 +53,20 @@ def test_unprobed_batch_sizes_are_judged_by_the_next_larger_probed_one():
     assert table.trials_for("efficientnet_b2", 4096, 2, 16) == 1
 
 
+def test_a_run_alone_is_planned_at_least_as_fast_as_the_probe_bounds_it():
+    """4 packed batch-32 trials go no faster together than one batch of 128 (2475 img/s), so each at most 619 img/s;
+    alone, batch 32 ran at 680: a member alone goes at least 680 / 619 = 1.1x a packed trial."""
+    table = PackingTable("H200", H200, {"efficientnet_b2": B2})
+    assert table.alone_speedup("efficientnet_b2", 32, 4) == 4 * 680 / 2475
+    assert table.alone_speedup("efficientnet_b2", 64, 2) == 2 * 1300 / 2475
+    assert table.alone_speedup("efficientnet_b2", 48, 2) == 2 * 1300 / 2475  # judged as batch 64, as packed
+    assert table.alone_speedup("efficientnet_b2", 32, 1) == 1.0  # not packed
+    assert table.alone_speedup("efficientnet_b2", 512, 2) == 1.0  # batch 1024 not probed: nothing to bound it by
+    assert table.alone_speedup("resnet50", 32, 4) == 1.0
+    superlinear = PackingTable("H200", H200, {"b": curve({32: 500, 64: 1200})})
+    assert superlinear.alone_speedup("b", 32, 2) == 1.0  # never planned slower than packed
+
+
 def test_probe_batches_double_up_to_eight_times_the_largest():
     assert probe_batches([32, 64, 128]) == [32, 64, 128, 256, 512, 1024]
     assert probe_batches([16]) == [16, 32, 64, 128]

@@ -173,19 +173,23 @@ def test_auto_packing_measures_once_on_a_gpu_and_falls_back_to_whole_gpus(ray_wi
 
     monkeypatch.setattr(tuner, "measure_gpu", measured)
     said = []
-    trainable = tuner._trainable(spec, data, None, said.append)
+    trainable, packing = tuner._trainable(spec, data, None, said.append)
     resources = trainable._resources
     assert resources({"backbone": "test_resnet", "batch_size": 16}).required_resources == {"CPU": 1, "GPU": 0.5}
     assert resources({"backbone": "test_vit", "batch_size": 16}).required_resources == {"CPU": 1, "GPU": 1}
     assert any("trials per FakeGPU: test_resnet batch 16: 2" in line for line in said)  # 2 CPUs: at most 2
+    # Two packed batch-16 trials go no faster together than one batch of 32: 100 x 32^0.9 img/s, against
+    # 100 x 16^0.9 for one alone, so a member alone runs at least 2 x 16^0.9 / 32^0.9 = 2^0.1 x a packed trial.
+    assert packing.alone_speedup({"backbone": "test_resnet", "batch_size": 16}) == pytest.approx(2 ** 0.1)
+    assert packing.alone_speedup({"backbone": "test_vit", "batch_size": 16}) == 1.0  # a whole GPU already
 
     def broken(*args):
         raise RuntimeError("CUDA error: no kernel image is available")
 
     monkeypatch.setattr(tuner, "measure_gpu", broken)
     said.clear()
-    fallback = tuner._trainable(spec, data, None, said.append)._resources
-    assert fallback.required_resources == {"CPU": 1, "GPU": 1}
+    fallback, packing = tuner._trainable(spec, data, None, said.append)
+    assert fallback._resources.required_resources == {"CPU": 1, "GPU": 1} and packing is None
     assert any("GPU measurement failed (RuntimeError: CUDA error: no kernel image" in line for line in said), said
 
 

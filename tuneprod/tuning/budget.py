@@ -145,12 +145,17 @@ class BudgetStopper(tune.Stopper):
     """Ends all trials once the time used plus the final stage's estimate reaches the budget. The estimate follows
     the search: the members are the current best trials (each for the epochs final.epochs gives it, from its best and
     latest epochs so far), at the median speed the trials report after their first epoch (until then, the speed
-    measured before the search). On an H200 a trial's first epoch ran 7x slower than the probe measured, and its
+    measured before the search), as a run with a GPU to itself would go. On an H200 a trial's first epoch ran 7x slower than the probe measured, and its
     first evaluation put predictions at 80 s where they took 3: trusting it ended a search 30 s into its 170."""
 
+    alone_speedup: Optional[Callable[[dict], float]] = None  # (a class default for stoppers saved without one)
+
     def __init__(self, budget_s: float, work: Workload, first_speed: Speed, metric: str, mode: str,
-                 progress: Callable[[str], None] = print):
+                 progress: Callable[[str], None] = print, alone_speedup: Optional[Callable[[dict], float]] = None):
+        """`alone_speedup`: from a trial's configuration, how much faster than it a member runs (trials packed
+        several to a GPU; a member has one to itself)."""
         self.budget_s, self.work, self.first_speed = budget_s, work, first_speed
+        self.alone_speedup = alone_speedup
         self.metric, self.sign = metric, (1.0 if mode == "max" else -1.0)
         self.progress = progress
         self.best: dict[str, _TrialBest] = {}
@@ -171,9 +176,10 @@ class BudgetStopper(tune.Stopper):
                 best = self.best[trial_id] = _TrialBest(score, epoch, gallery, epoch)
             best.latest_epoch = max(best.latest_epoch, epoch)
         if epoch > 1:  # a first epoch pays one-time costs (on a GPU: kernels loaded lazily, cuDNN's set-up)
+            alone = self.alone_speedup(result.get("config") or {}) if self.alone_speedup else 1.0
             for key, speeds in (("images_per_s", self.train_speeds), ("eval_images_per_s", self.eval_speeds)):
                 if result.get(key):
-                    speeds.append(float(result[key]))
+                    speeds.append(float(result[key]) * alone)
         return False
 
     def speed(self) -> Speed:

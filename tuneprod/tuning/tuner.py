@@ -86,8 +86,8 @@ def run_search(spec: Spec, address: Optional[str] = None, progress: Callable[[st
     grace = grace_period(spec, data)
     start_ray(address, progress, verbose)
     check_seen_by_every_node(spec, images)
-    trainable = _trainable(spec, data, address, progress)
-    stopper = _budget(spec, data, images, grace, final and spec.final.enabled, progress)
+    trainable, packing = _trainable(spec, data, address, progress)
+    stopper = _budget(spec, data, images, grace, final and spec.final.enabled, progress, packing)
     # Only now, with every check passed, does the experiment folder appear.
     spec = claim_experiment_dir(spec)
     progress(f"tuneprod: results go to {spec.remote} (the driver's files via {spec.experiment_dir})" if spec.remote
@@ -172,17 +172,17 @@ def grace_period(spec: Spec, data: TrialData) -> int:
 
 
 def _budget(spec: Spec, data: TrialData, images: DecodedImages, grace: int, final: bool,
-            progress: Callable[[str], None]) -> Optional[BudgetStopper]:
+            progress: Callable[[str], None], packing: Optional["PackedResources"]) -> Optional[BudgetStopper]:
     """search.time_budget_s covers the whole run: checked against one trial and the final stage at the speed
     measured here, then kept by a stopper that ends the trials in time for the final stage."""
     if spec.search.time_budget_s is None:
         return None
     return plan_budget(spec, _workload(spec, data, images, final), _measured_speed(spec, data, progress), grace,
-                       progress)
+                       progress, packing.alone_speedup if packing else None)
 
 
-def plan_budget(spec: Spec, work: Workload, speed: Speed, grace: int,
-                progress: Callable[[str], None]) -> BudgetStopper:
+def plan_budget(spec: Spec, work: Workload, speed: Speed, grace: int, progress: Callable[[str], None],
+                alone_speedup: Optional[Callable[[dict], float]] = None) -> BudgetStopper:
     """Refuses a budget that cannot hold one trial to its first rung plus what follows; says how it is split."""
     budget, final = spec.search.time_budget_s, work.final
     need, trial_s, least_final = minimum_seconds(work, speed, grace)
@@ -205,7 +205,7 @@ def plan_budget(spec: Spec, work: Workload, speed: Speed, grace: int,
                   f"final.members auto trains as many members as fit in what the trials leave")
     progress(f"tuneprod: budget {budget:.0f} s for the whole run: trials (an epoch ~"
              f"{trial_seconds(work, speed, 1):.0f} s at {speed.train_images_per_s:.0f} img/s){after}")
-    return BudgetStopper(budget, work, speed, spec.search.metric, spec.search.direction, progress)
+    return BudgetStopper(budget, work, speed, spec.search.metric, spec.search.direction, progress, alone_speedup)
 
 
 def _engine(speed: Speed) -> str:
@@ -295,7 +295,7 @@ def resume_search(spec: Spec, address: Optional[str] = None, progress: Callable[
     for trial_id, epoch, _ in reported_epochs(experiment_dir, spec.search.metric):  # as far as each trial got
         endings.observe(trial_id, {"epoch": epoch})
     with resumed_at(experiment_dir):
-        tuner = tune.Tuner.restore(ray_experiment, trainable=_trainable(spec, data, address, progress),
+        tuner = tune.Tuner.restore(ray_experiment, trainable=_trainable(spec, data, address, progress)[0],
                                    resume_unfinished=True, resume_errored=False, restart_errored=False)
     progress(f"tuneprod: resuming the search in {experiment_dir}")
     outcome = _fit(spec, tuner, images, endings, progress, verbose)
@@ -326,14 +326,17 @@ def _trial_data(spec: Spec, progress: Callable[[str], None]) -> tuple[DecodedIma
                                mode=spec.search.direction)
 
 
-def _trainable(spec: Spec, data: TrialData, address: Optional[str], progress: Callable[[str], None]):
+def _trainable(spec: Spec, data: TrialData, address: Optional[str],
+               progress: Callable[[str], None]) -> tuple[object, Optional["PackedResources"]]:
+    """The trainable with its resources, and the packing when trials share GPUs."""
     cluster = ray.cluster_resources()
     resources = trial_resources(spec, cluster.get("GPU", 0))
     if address in (None, "local"):  # a cluster may autoscale to fit; this machine will not
         check_resources_fit(spec, resources, cluster)
     if spec.resources.gpus_per_trial == "auto" and resources["gpu"]:
         resources = _packed(spec, data, cluster, progress)
-    return tune.with_resources(tune.with_parameters(train_trial, data=data), resources)
+    packing = resources if isinstance(resources, PackedResources) else None
+    return tune.with_resources(tune.with_parameters(train_trial, data=data), resources), packing
 
 
 @dataclass(frozen=True)
@@ -350,6 +353,11 @@ class PackedResources:
     def __call__(self, config: dict) -> tune.PlacementGroupFactory:
         share = 1 / self.trials_per_gpu(Hyperparams.from_params(config))
         return tune.PlacementGroupFactory([{"CPU": self.cpus_per_trial, "GPU": share}])
+
+    def alone_speedup(self, config: dict) -> float:
+        """What a trial of this configuration would gain with its GPU to itself, as members have theirs."""
+        hp = Hyperparams.from_params(config)
+        return self.table.alone_speedup(hp.backbone, hp.batch_size, self.trials_per_gpu(hp))
 
 
 def _packed(spec: Spec, data: TrialData, cluster: dict, progress: Callable[[str], None]):
