@@ -145,8 +145,9 @@ class BudgetStopper(tune.Stopper):
     """Ends all trials once the time used plus the final stage's estimate reaches the budget. The estimate follows
     the search: the members are the current best trials (each for the epochs final.epochs gives it, from its best and
     latest epochs so far), at the median speed the trials report after their first epoch (until then, the speed
-    measured before the search), as a run with a GPU to itself would go. On an H200 a trial's first epoch ran 7x slower than the probe measured, and its
-    first evaluation put predictions at 80 s where they took 3: trusting it ended a search 30 s into its 170."""
+    measured before the search), scaled to what a run with a GPU to itself gets where trials share one. On an H200 a
+    trial's first epoch ran 7x slower than the probe measured, and its first evaluation put predictions at 80 s where
+    they took 3: trusting it ended a search 30 s into its 170."""
 
     alone_speedup: Optional[Callable[[dict], float]] = None  # (a class default for stoppers saved without one)
 
