@@ -1,4 +1,5 @@
 """One budget for search, final stage and predictions: the planning arithmetic with hand-picked speeds."""
+import math
 import threading
 from pathlib import Path
 
@@ -68,6 +69,9 @@ def test_a_first_epoch_speed_does_not_plan_the_final_stage():
     assert stopper.speed() == SPEED and stopper.estimate() == final_estimate(WORK, SPEED, [MemberPlan(1)])
     stopper("a", {"epoch": 2, "val_acc": 0.6, "images_per_s": 45, "eval_images_per_s": 380})
     assert stopper.speed() == Speed(45, 380)
+    unmeasured = BudgetStopper(1000, WORK, Speed(math.inf, math.inf), "val_acc", "max", lambda _: None)
+    unmeasured("a", {"epoch": 1, "val_acc": 0.5, "images_per_s": 5, "eval_images_per_s": 20})
+    assert unmeasured.speed() == Speed(5, 20)  # the probe failed: a first epoch is better than no speed at all
 
 
 def test_trials_packed_on_a_gpu_plan_members_at_the_speed_they_get_alone():

@@ -176,11 +176,13 @@ class BudgetStopper(tune.Stopper):
                 gallery = Hyperparams.from_params(result.get("config") or {}).predicts_by_gallery
                 best = self.best[trial_id] = _TrialBest(score, epoch, gallery, epoch)
             best.latest_epoch = max(best.latest_epoch, epoch)
-        if epoch > 1:  # a first epoch pays one-time costs (on a GPU: kernels loaded lazily, cuDNN's set-up)
-            alone = self.alone_speedup(result.get("config") or {}) if self.alone_speedup else 1.0
-            for key, speeds in (("images_per_s", self.train_speeds), ("eval_images_per_s", self.eval_speeds)):
-                if result.get(key):
-                    speeds.append(float(result[key]) * alone)
+        alone = self.alone_speedup(result.get("config") or {}) if self.alone_speedup else 1.0
+        for key, speeds, measured in (("images_per_s", self.train_speeds, self.first_speed.train_images_per_s),
+                                      ("eval_images_per_s", self.eval_speeds, self.first_speed.eval_images_per_s)):
+            # A first epoch pays one-time costs (on a GPU: kernels loaded lazily, cuDNN's set-up): it counts only
+            # where the speed could not be measured before the search (inf), as better than nothing.
+            if result.get(key) and (epoch > 1 or not math.isfinite(measured)):
+                speeds.append(float(result[key]) * alone)
         return False
 
     def speed(self) -> Speed:
